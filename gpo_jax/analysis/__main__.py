@@ -1,0 +1,39 @@
+"""CLI: ``python -m gpo_jax.analysis RUN_DIR [RUN_DIR ...] [--out DIR]`` (report or comparison)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from gpo_jax.analysis.comparison import compare
+from gpo_jax.analysis.findings import Thresholds
+from gpo_jax.analysis.report import analyze
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(prog="python -m gpo_jax.analysis", description=__doc__)
+  p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="trainer work directories")
+  p.add_argument("--out", default=None, help="output directory (default RUN_DIR/report, or comparison/ next to the first run)")
+  p.add_argument("--step", type=float, default=None, help="step budget for the best-β comparison (default: final step)")
+  p.add_argument("--no-figures", action="store_true", help="skip the figures (faster)")
+  p.add_argument("--overlap-threshold", type=float, default=Thresholds.overlap_rel_gap)
+  p.add_argument("--drop-z", type=float, default=Thresholds.drop_z)
+  p.add_argument("--min-rel-drop", type=float, default=Thresholds.min_rel_drop)
+  a = p.parse_args(argv)
+  th = Thresholds(overlap_rel_gap=a.overlap_threshold, drop_z=a.drop_z, min_rel_drop=a.min_rel_drop)
+  if len(a.run_dirs) == 1:
+    rep = analyze(a.run_dirs[0], a.out, step=a.step, thresholds=th, figures=not a.no_figures)
+    print(rep.path)
+    for f in rep.findings:
+      print(f"- {f.question} {f.verdict}")
+  else:
+    if a.step is not None:
+      p.error("--step applies to a single run")
+    cmp = compare(a.run_dirs, a.out, thresholds=th, figures=not a.no_figures)
+    print(cmp.path)
+    print(f"- {cmp.finding.question} {cmp.finding.verdict}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,275 @@
+"""Tests for the run-dir analysis: frontiers, Gao fits, statistics, findings, figures, report and CLI."""
+
+import dataclasses
+import json
+import math
+import pathlib
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import analysis_fixtures as af
+from gpo_jax import analysis
+from gpo_jax.analysis import __main__ as cli
+from gpo_jax.analysis import comparison as compare_lib
+from gpo_jax.analysis import frontier, gao, report, table
+from gpo_jax.analysis.findings import NOT_SUPPORTED, SUPPORTED
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+FIGURES = ("frontiers_all", "frontiers_by_family", "gold_vs_beta", "offline_reg_vs_kl", "training_curves",
+           "reward_vs_gold")
+
+
+# ---------------------------------------------------------------- contract with the trainer
+
+def _architecture_fields():
+  text = (ROOT / "ARCHITECTURE.md").read_text()
+  block = text.split("`<workdir>/metrics.jsonl`", 1)[1].split("```", 2)[1]
+  names = [n.strip() for n in block.replace("\n", " ").split(",") if n.strip()]
+  required = [re.sub(r"\s*\(.*\)$", "", n) for n in names if not n.startswith("[")]
+  optional = [n.strip("[]") for n in names if n.startswith("[")]
+  return required, optional
+
+
+def test_field_names_match_architecture(tmp_path):
+  required, optional = _architecture_fields()
+  assert len(required) > 20, f"could not parse the metric field list from ARCHITECTURE.md: {required}"
+  assert list(table.METRIC_FIELDS) == required, "table.METRIC_FIELDS drifted from ARCHITECTURE.md 'Metrics on disk'"
+  assert list(table.OPTIONAL_FIELDS) == optional
+  af.write_synthetic_run(tmp_path, families=("logistic",), betas=(0.1,), steps=(0, 10))
+  rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert set(rows[0]) == set(required) | set(optional), "fixture rows must use exactly the ARCHITECTURE.md names"
+  bon = json.loads((tmp_path / "bon.json").read_text())
+  assert set(bon) == {"selector", "N", "n", "kl", "gold", "gold_se"}
+
+
+def test_analysis_does_not_import_jax_or_trainer():
+  code = ("import sys, gpo_jax.analysis, gpo_jax.bon; "
+          "bad = [m for m in ('jax', 'flax', 'gpo_jax.main', 'gpo_jax.sweep') if m in sys.modules]; "
+          "assert not bad, bad")
+  res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+  assert res.returncode == 0, f"analysis must not import JAX or the trainer: {res.stderr[-500:]}"
+
+
+# ---------------------------------------------------------------- frontiers
+
+def test_envelope_and_pareto_of_known_staircase():
+  rng = np.random.default_rng(0)
+  xk = np.linspace(0.0, 4.0, 9)
+  yk = np.sqrt(xk)
+  xr = rng.uniform(0, 4, 300)
+  floor = xk[np.searchsorted(xk, xr, side="right") - 1]
+  yr = np.sqrt(floor) - rng.uniform(0.01, 1.0, 300)  # strictly under the staircase: dominated
+  x, y = np.concatenate([xk, xr]), np.concatenate([yk, yr])
+  xs, env = frontier.running_max(x, y)
+  grid = np.linspace(0, 4, 101)
+  expected = np.sqrt(xk[np.searchsorted(xk, grid, side="right") - 1])
+  np.testing.assert_allclose(frontier.envelope_at(xs, env, grid), expected, err_msg="running max is not the staircase")
+  mask = frontier.pareto_mask(x, y)
+  assert mask[:9].all() and not mask[9:].any(), "Pareto set must be exactly the staircase corners"
+  assert np.isnan(frontier.envelope_at(xs, env, [-1.0]))[0], "envelope left of all data must be undefined"
+
+
+def test_pareto_drops_overoptimised_tail():
+  x = np.linspace(0, 2, 21)
+  y = x * (2 - x)  # peak 1 at x = 1
+  mask = frontier.pareto_mask(x, y)
+  np.testing.assert_array_equal(mask, x <= 1 + 1e-12, err_msg="points past the peak are dominated by the peak")
+  _, env = frontier.running_max(x, y)
+  np.testing.assert_allclose(env[x > 1], 1.0, err_msg="envelope stays at the peak after it")
+
+
+def test_frontier_gap_constant_offset_and_disjoint():
+  d = np.linspace(0, 3, 30)
+  mk = lambda x, y: frontier.frontier_of(pd.DataFrame({"sqrt_kl": x, "gold/reward": y}))  # noqa: E731
+  a, b = mk(d, np.log1p(d)), mk(d[5:], np.log1p(d[5:]) + 0.3)
+  g = frontier.frontier_gap(a, b)
+  assert g["gap"] == pytest.approx(0.3, abs=1e-9) and g["lo"] == pytest.approx(d[5])
+  far = mk(d + 10, d)
+  assert math.isnan(frontier.frontier_gap(a, far)["gap"]), "disjoint KL ranges have no defined gap"
+
+
+# ---------------------------------------------------------------- Gao fits
+
+def test_gao_bon_fit_recovers_closed_form():
+  d = np.linspace(0.1, 4, 40)
+  fit = gao.fit_gao(d, d * (1 - 0.25 * d), "bon")
+  assert (fit.alpha, fit.beta) == (pytest.approx(1.0, abs=1e-9), pytest.approx(0.25, abs=1e-9))
+  assert fit.d_peak == pytest.approx(2.0) and fit.r_peak == pytest.approx(1.0), "peak of d(1 - d/4) is R=1 at d=2"
+  assert fit.rmse < 1e-9
+
+
+def test_gao_rl_fit_recovers_closed_form_with_noise():
+  rng = np.random.default_rng(3)
+  d = np.linspace(0.2, 12, 200)
+  r = d * (1.2 - 0.4 * np.log(d)) + rng.normal(0, 0.01, d.size)
+  fit = gao.fit_gao(d, r, "rl")
+  assert fit.alpha == pytest.approx(1.2, abs=0.01) and fit.beta == pytest.approx(0.4, abs=0.005)
+  assert fit.d_peak == pytest.approx(math.exp(2.0), rel=0.03), "RL peak is exp(alpha/beta - 1)"
+  grid = np.linspace(0.01, 20, 20001)
+  d_num = grid[np.argmax(gao.gao_curve("rl", fit.alpha, fit.beta, grid))]
+  assert fit.d_peak == pytest.approx(d_num, rel=1e-3) and fit.r_peak == pytest.approx(fit.beta * fit.d_peak)
+  assert fit.rmse == pytest.approx(0.01, rel=0.2), "rmse should match the injected noise"
+
+
+def test_gao_no_peak_and_errors():
+  d = np.linspace(0.1, 5, 20)
+  fit = gao.fit_gao(d, 0.3 * d + 0.05 * d * d, "bon")
+  assert not fit.has_peak and fit.beta < 0, "a convex rising curve has no interior peak"
+  with pytest.raises(ValueError, match="choose one of"):
+    gao.fit_gao(d, d, "ppo")
+  with pytest.raises(ValueError, match="distinct d"):
+    gao.fit_gao([1.0, 1.0], [0.5, 0.5], "rl")
+
+
+# ---------------------------------------------------------------- loading
+
+def test_load_errors_and_truncated_line(tmp_path):
+  with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
+    table.load_run(tmp_path)
+  (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 0, "member": 0, "family": "logistic"}) + "\n")
+  with pytest.raises(ValueError, match="beta"):
+    table.load_run(tmp_path)
+  run_dir = af.write_synthetic_run(tmp_path / "r", families=("logistic",), betas=(0.1, 0.2), steps=(0, 100))
+  with open(run_dir / "metrics.jsonl", "a") as fh:
+    fh.write('{"step": 200, "memb')
+  with pytest.warns(UserWarning, match="truncated"):
+    run = table.load_run(run_dir)
+  assert len(run.table) == 4 and run.bon is not None and run.config["data_size"] == 1000
+  rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()[:4]]
+  rows.append({**rows[0], "gold/reward": 123.0})  # a resumed run re-logging step 0 of member 0
+  (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  t = table.load_run(run_dir).table
+  assert len(t) == 4 and t.loc[(t["member"] == 0) & (t["step"] == 0), "gold/reward"].item() == 123.0, \
+      "a re-logged (member, step) must replace the earlier row"
+
+
+# ---------------------------------------------------------------- report on a synthetic sweep
+
+NUM = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?:e[+-]?\d+)?")
+
+
+def cited_numbers(text: str) -> list[float]:
+  text = text.replace("f''(0)", "").replace("f'(0)", "")
+  return [float(t) for t in NUM.findall(text)]
+
+
+def stat_values(rep) -> np.ndarray:
+  vals = []
+  for df in (rep.summary, rep.family_stats, rep.members, rep.best, rep.overlap, rep.by_beta):
+    vals += list(df.select_dtypes(include=[np.number, bool]).to_numpy(float).ravel())
+  vals += [float(v) for v in rep.overview.values()] + [float(v) for v in dataclasses.asdict(rep.thresholds).values()]
+  return np.asarray([v for v in vals if np.isfinite(v)])
+
+
+def assert_findings_cite_stats(rep):
+  vals = stat_values(rep)
+  for f in rep.findings:
+    nums = cited_numbers(f.text)
+    assert len(nums) >= 3, f"finding {f.key!r} cites too few numbers: {f.text}"
+    for x in nums:
+      ok = np.any(np.abs(vals - x) <= 6e-3 * np.abs(vals) + 1e-12)
+      assert ok, f"finding {f.key!r} cites {x}, which is not a computed statistic: {f.text}"
+
+
+def raw_rows(run_dir):
+  return [json.loads(line) for line in (pathlib.Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def paper_run(tmp_path_factory):
+  run_dir = af.write_synthetic_run(tmp_path_factory.mktemp("paper"))
+  return run_dir, analysis.analyze(run_dir)
+
+
+def test_report_files_and_tables(paper_run):
+  run_dir, rep = paper_run
+  assert rep.path == run_dir / "report" / "report.md" and rep.path.exists()
+  md = rep.path.read_text()
+  for name in FIGURES:
+    for ext in ("png", "svg"):
+      p = run_dir / "report" / "figures" / f"{name}.{ext}"
+      assert p.exists() and p.stat().st_size > 1000, f"figure {p.name} missing or empty"
+    assert f"figures/{name}.png" in md, f"report.md does not embed {name}"
+  assert md.index("frontiers_all.png") < md.index("## Summary"), "the all-families frontier must be the first figure"
+  assert list(rep.summary["family"]) == list(af.CURVATURE), "summary needs one row per family, in run order"
+  assert rep.summary["rl_rmse"].max() < 0.05, "RL-form Gao fits of RL-form data must fit to the noise level"
+  np.testing.assert_allclose(rep.summary["rl_d_peak"], 3.0, rtol=0.05, err_msg="synthetic gold peaks at d=3")
+  for f in rep.findings:
+    assert f.text in md and f.verdict in md
+
+
+def test_statistics_match_independent_computation(paper_run):
+  run_dir, rep = paper_run
+  rows = [r for r in raw_rows(run_dir) if not r["diverged"]]
+  final = max(r["step"] for r in rows)
+  best = rep.best.set_index("family")
+  for fam in af.CURVATURE:
+    fam_rows = [r for r in rows if r["family"] == fam]
+    top = max(fam_rows, key=lambda r: r["gold/reward"])
+    assert rep.family_stats.set_index("family").loc[fam, "peak_gold"] == top["gold/reward"]
+    at_final = [r for r in fam_rows if r["step"] == final]
+    b = max(at_final, key=lambda r: r["gold/reward"])
+    assert best.loc[fam, "best_beta"] == b["beta"], f"{fam}: best β at the final step is wrong"
+    # The synthetic truth: KL is driven by beta_eff (hinge as logistic), best drive 0.1.
+    assert b["beta"] * (af.CURVATURE[fam] or 0.5) == pytest.approx(0.1)
+  pos = best[best["best_beta_eff"] > 0]
+  assert rep.overview["spread_beta"] == pytest.approx(pos["best_beta"].max() / pos["best_beta"].min())
+  assert not ((rep.by_beta["family"] == "exponential") & (rep.by_beta["beta"] == 0.025)).any(), \
+      "a member that diverged before the budget must not compete for best β"
+
+
+def test_findings_support_paper_and_cite_numbers(paper_run):
+  _, rep = paper_run
+  verdicts = {f.key: f.verdict for f in rep.findings}
+  assert verdicts == {"overlap": SUPPORTED, "best_beta": SUPPORTED, "overopt": SUPPORTED}, verdicts
+  assert_findings_cite_stats(rep)
+  assert "families overlap:" in rep.findings[0].text and "not below" not in rep.findings[0].text
+  assert rep.overview["spread_beta_eff"] < rep.overview["spread_beta"]
+
+
+@pytest.mark.parametrize("kwargs,key,phrase", [
+    (dict(peak=False), "overopt", "does not peak and fall"),
+    (dict(aligned=False), "best_beta", "not closer together"),
+    (dict(overlap=False), "overlap", "do not overlap"),
+])
+def test_findings_flip_when_data_contradict_paper(tmp_path, kwargs, key, phrase):
+  run_dir = af.write_synthetic_run(tmp_path, **kwargs)
+  rep = report.compute(table.load_run(run_dir))
+  got = {f.key: f for f in rep.findings}
+  assert got[key].verdict == NOT_SUPPORTED and phrase in got[key].text, \
+      f"{key} should flip for {kwargs}: {got[key].text}"
+  # The other claims still hold in these data (without a peak, the best β sits at the grid edge: no claim).
+  expected_rest = {"overlap", "overopt", "best_beta"} - {key} - ({"best_beta"} if key == "overopt" else set())
+  for k in expected_rest:
+    assert got[k].verdict == SUPPORTED, f"changing only {key} must not flip {k}: {got[k].text}"
+  assert_findings_cite_stats(rep)
+
+
+# ---------------------------------------------------------------- comparison and CLI
+
+@pytest.mark.parametrize("large_peak,verdict", [((4.0, 1.3), SUPPORTED), ((2.0, 0.8), NOT_SUPPORTED)])
+def test_compare_data_sizes(tmp_path, large_peak, verdict):
+  small = af.write_synthetic_run(tmp_path / "small", data_size=1000, with_bon=False)
+  large = af.write_synthetic_run(tmp_path / "large", data_size=4000, d_star=large_peak[0], r_scale=large_peak[1],
+                                 seed=1, with_bon=False)
+  cmp = compare_lib.compare([large, small], tmp_path / "cmp", figures=False)
+  assert cmp.finding.verdict == verdict, cmp.finding.text
+  assert cmp.path.exists() and cmp.finding.text in cmp.path.read_text()
+  vals = cmp.peaks[["peak_gold", "kl_at_peak", "data_size"]].to_numpy(float).ravel()
+  counts = range(len(af.CURVATURE) + 1)  # "k of 6 families", and the 2-standard-error rule
+  for x in cited_numbers(cmp.finding.text):
+    assert np.any(np.abs(vals - x) <= 6e-3 * np.abs(vals) + 1e-12) or x in counts, f"uncited number {x}"
+
+
+def test_cli_single_run(tmp_path, capsys):
+  run_dir = af.write_synthetic_run(tmp_path / "run", families=("logistic", "squared"), with_proxy=False)
+  assert cli.main([str(run_dir), "--out", str(tmp_path / "out"), "--no-figures"]) == 0
+  assert (tmp_path / "out" / "report.md").exists() and (tmp_path / "out" / "summary.csv").exists()
+  assert "report.md" in capsys.readouterr().out
+  with pytest.raises(SystemExit):
+    cli.main([str(run_dir), str(run_dir), "--step", "100"])
