@@ -1,0 +1,183 @@
+"""Metrics on disk: a JSON-lines file (one row per member and eval step) plus TensorBoard events.
+
+`MetricsWriter` appends rows to ``<workdir>/metrics.jsonl`` (flushed after every write, so a
+crash loses nothing already written) and mirrors every numeric field to a tensorboardX event
+file under ``<workdir>/tb/`` as tag ``member_003/gold/reward`` (one tag family per member).
+On resume from a checkpoint at step ``s`` it drops rows with ``step > s`` (they will be
+recomputed) by atomically rewriting the file, and TensorBoard is told to purge events after
+``s``. Only process 0 writes. JSON follows Python's convention for non-finite floats
+(``NaN``, ``Infinity``), which ``json.loads`` and ``pandas.read_json`` accept.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+METRICS_FILE = "metrics.jsonl"
+TB_DIR = "tb"
+# Row fields that identify a row rather than measure something: not sent to TensorBoard.
+ID_FIELDS = ("step", "member", "family", "seed")
+
+
+def to_python(value: Any) -> Any:
+  """Converts numpy / JAX scalars (and 0-d arrays) to Python scalars; other values unchanged."""
+  if isinstance(value, (bool, int, float, str)) or value is None:
+    return value
+  if isinstance(value, np.generic):
+    return value.item()
+  if hasattr(value, "shape") and hasattr(value, "dtype"):
+    arr = np.asarray(value)
+    if arr.shape == ():
+      return arr.item()
+    return arr.tolist()
+  if isinstance(value, Mapping):
+    return {str(k): to_python(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [to_python(v) for v in value]
+  return value
+
+
+def _process_index() -> int:
+  try:
+    import jax  # local: analysis code may import this module without touching devices
+    return jax.process_index()
+  except Exception:  # noqa: BLE001 - no JAX backend means a single process
+    return 0
+
+
+def truncate_jsonl(path: str | os.PathLike, max_step: int) -> int:
+  """Keeps rows with ``step <= max_step`` (and drops a torn last line); returns rows dropped.
+
+  The file is rewritten through a temporary file and ``os.replace`` so a crash during the
+  rewrite leaves either the old or the new file, never a mix.
+  """
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    return 0
+  kept, dropped = [], 0
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        dropped += 1  # a line torn by a crash mid-write
+        continue
+      if isinstance(row, dict) and row.get("step") is not None and row["step"] > max_step:
+        dropped += 1
+        continue
+      kept.append(line if line.endswith("\n") else line + "\n")
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.writelines(kept)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+  return dropped
+
+
+class MetricsWriter:
+  """Writes metric rows to ``metrics.jsonl`` and TensorBoard.
+
+  Args:
+    workdir: run directory (created if missing).
+    resume_step: the checkpoint step a resumed run restarts from; rows with a larger step
+      are dropped. None starts a fresh run: an existing non-empty ``metrics.jsonl`` is kept
+      as ``metrics.jsonl.bak<N>`` rather than appended to or lost.
+    tensorboard: also write TensorBoard events under ``<workdir>/tb``.
+    is_writer: override the "process 0 writes" rule (default: ``jax.process_index() == 0``).
+  """
+
+  def __init__(self, workdir: str | os.PathLike, resume_step: int | None = None, *,
+               tensorboard: bool = True, is_writer: bool | None = None):
+    self.workdir = os.path.abspath(os.fspath(workdir))
+    self.path = os.path.join(self.workdir, METRICS_FILE)
+    self.active = (_process_index() == 0) if is_writer is None else is_writer
+    self._file = None
+    self._tb = None
+    if not self.active:
+      return
+    os.makedirs(self.workdir, exist_ok=True)
+    if resume_step is None:
+      if os.path.exists(self.path) and os.path.getsize(self.path) > 0:
+        n = 0
+        while os.path.exists(f"{self.path}.bak{n}"):
+          n += 1
+        os.replace(self.path, f"{self.path}.bak{n}")
+    else:
+      truncate_jsonl(self.path, resume_step)
+    self._file = open(self.path, "a", encoding="utf-8")
+    if tensorboard:
+      from tensorboardX import SummaryWriter
+      # purge_step makes TensorBoard discard events at steps > resume_step from before the crash.
+      purge = None if resume_step is None else resume_step + 1
+      self._tb = SummaryWriter(os.path.join(self.workdir, TB_DIR), purge_step=purge)
+
+  def write(self, rows: Mapping[str, Any] | Iterable[Mapping[str, Any]]) -> None:
+    """Appends one row (a dict with at least ``step``) or an iterable of rows.
+
+    A row with a ``member`` field goes to TensorBoard as ``member_{member:03d}/{name}``;
+    rows without one as ``{name}``. Non-numeric fields are kept in JSON only.
+    """
+    if isinstance(rows, Mapping):
+      rows = [rows]
+    rows = [{str(k): to_python(v) for k, v in row.items()} for row in rows]
+    for row in rows:
+      if "step" not in row or not isinstance(row["step"], numbers.Integral):
+        raise ValueError(f"Every metrics row needs an integer 'step'; got {row.get('step')!r} "
+                         f"in row with keys {sorted(row)}.")
+    if not self.active:
+      return
+    for row in rows:
+      self._file.write(json.dumps(row) + "\n")
+    self._file.flush()
+    if self._tb is None:
+      return
+    for row in rows:
+      prefix = f"member_{int(row['member']):03d}/" if row.get("member") is not None else ""
+      for name, value in row.items():
+        if name in ID_FIELDS or isinstance(value, str) or value is None:
+          continue
+        if isinstance(value, bool):
+          value = float(value)
+        if isinstance(value, numbers.Real) and not math.isnan(value):
+          self._tb.add_scalar(prefix + name, float(value), global_step=row["step"])
+    self._tb.flush()
+
+  def close(self) -> None:
+    """Flushes and closes both outputs (safe to call twice)."""
+    if self._file is not None:
+      self._file.flush()
+      os.fsync(self._file.fileno())
+      self._file.close()
+      self._file = None
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+
+  def __enter__(self) -> MetricsWriter:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+  """Reads all rows of a metrics file (skipping a torn last line)."""
+  rows = []
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      if line.strip():
+        try:
+          rows.append(json.loads(line))
+        except json.JSONDecodeError:
+          continue
+  return rows
