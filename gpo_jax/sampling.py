@@ -1,0 +1,168 @@
+"""Jittable KV-cache autoregressive sampling (temperature, top-k, top-p) as a pure function of the model."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gpo_jax.model import Transformer
+
+Array = jax.Array
+
+# Token ids shared with gpo_jax.corpus (ARCHITECTURE.md conventions).
+PAD = 0
+EOS = 3
+
+_NEG_INF = -jnp.inf
+
+
+def _is_concrete(x) -> bool:
+  return not isinstance(x, jax.core.Tracer)
+
+
+def _validate(max_new_tokens, temperature, top_k, top_p, vocab_size):
+  if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be a positive int (static), got {max_new_tokens!r}.")
+  if top_k is not None and (
+      not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= vocab_size
+  ):
+    raise ValueError(
+        f"top_k must be None or a static int in [1, vocab_size={vocab_size}], got {top_k!r}."
+    )
+  if _is_concrete(temperature) and not float(np.min(np.asarray(temperature))) >= 0.0:
+    raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature!r}.")
+  if top_p is not None and _is_concrete(top_p):
+    value = np.asarray(top_p)
+    if not np.all((value > 0.0) & (value <= 1.0)):
+      raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}.")
+
+
+def filter_logits(
+    logits_BxV: Array, temperature: Array | float = 1.0, top_k: int | None = None,
+    top_p: Array | float | None = None,
+) -> Array:
+  """Logits of the sampling distribution: divide by temperature, then top-k, then top-p.
+
+  Removed tokens get ``-inf``. Top-p keeps the smallest set of most likely tokens whose
+  probability (under the temperature-scaled, top-k-restricted distribution) reaches
+  ``top_p``: sort descending and keep a token while the mass strictly before it is below
+  ``top_p``. Tokens tied with the last kept logit (for top-k or top-p) are kept as well.
+  ``temperature`` must be > 0 here (``sample`` handles 0 as greedy).
+
+  References:
+    Holtzman et al., "The Curious Case of Neural Text Degeneration" (nucleus sampling),
+    arXiv 1904.09751; Fan et al., "Hierarchical Neural Story Generation" (top-k),
+    arXiv 1805.04833.
+  """
+  logits_BxV = logits_BxV.astype(jnp.float32) / jnp.asarray(temperature, jnp.float32)
+  if top_k is not None:
+    kth_Bx1 = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
+    logits_BxV = jnp.where(logits_BxV >= kth_Bx1, logits_BxV, _NEG_INF)
+  if top_p is not None:
+    sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
+    probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+    mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+    keep_BxV = mass_before_BxV < jnp.asarray(top_p, jnp.float32)
+    # Sorted descending, so the threshold is the smallest kept logit; the first token is
+    # always kept (its mass-before is 0).
+    threshold_Bx1 = jnp.min(jnp.where(keep_BxV, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
+    logits_BxV = jnp.where(logits_BxV >= threshold_Bx1, logits_BxV, _NEG_INF)
+  return logits_BxV
+
+
+def _choose(logits_BxV, key, done_B, temperature, top_k, top_p, eos_id, pad_id):
+  """One sampling step: returns (token_B, in_response_B, done_B after this token)."""
+  temperature = jnp.asarray(temperature, jnp.float32)
+  safe_t = jnp.where(temperature > 0, temperature, 1.0)
+  sampled_B = jax.random.categorical(key, filter_logits(logits_BxV, safe_t, top_k, top_p), axis=-1)
+  greedy_B = jnp.argmax(logits_BxV, axis=-1)
+  token_B = jnp.where(temperature > 0, sampled_B, greedy_B).astype(jnp.int32)
+  token_B = jnp.where(done_B, pad_id, token_B)
+  in_response_B = ~done_B
+  return token_B, in_response_B, done_B | (token_B == eos_id)
+
+
+def sample(
+    model: Transformer,
+    context_BxC: Array,
+    key: Array,
+    *,
+    max_new_tokens: int,
+    temperature: Array | float = 1.0,
+    top_k: int | None = None,
+    top_p: Array | float | None = None,
+    eos_id: int = EOS,
+    pad_id: int = PAD,
+) -> tuple[Array, Array]:
+  """Samples responses to fixed-length contexts with a KV cache.
+
+  The context is prefilled once, then a ``jax.lax.scan`` runs the decode steps. After a row
+  emits ``eos_id`` it emits ``pad_id``. Pure in the model's parameters, so it can be
+  jitted (``max_new_tokens`` and ``top_k`` static; ``temperature`` and ``top_p`` may be
+  traced) and vmapped over stacked parameters::
+
+    jax.vmap(lambda st, k: sample(nnx.merge(graphdef, st), ctx, k, max_new_tokens=T))(
+        stacked_state, keys)
+
+  Args:
+    model: a ``gpo_jax.model.Transformer``.
+    context_BxC: ``[BOS] + ... + [SEP]`` token ids; all rows have the same length ``C``.
+    key: a ``jax.random.key``; step ``t`` uses the ``t``-th of ``split(key, T)``.
+    max_new_tokens: response length ``T``; needs ``C + T <= max_len``.
+    temperature: softmax temperature; 0 means greedy (argmax).
+    top_k: keep only the ``top_k`` most likely tokens.
+    top_p: nucleus sampling mass in (0, 1].
+    eos_id: end-of-sequence id. pad_id: padding id.
+
+  Returns:
+    ``(tokens_BxT, mask_BxT)``: int32 tokens, and a float32 mask that is 1 on response
+    tokens up to and including the first EOS.
+  """
+  cfg = model.cfg
+  b, c = context_BxC.shape
+  _validate(max_new_tokens, temperature, top_k, top_p, cfg.vocab_size)
+  if c + max_new_tokens > cfg.max_len:
+    raise ValueError(
+        f"context length {c} + max_new_tokens {max_new_tokens} exceeds max_len={cfg.max_len}."
+    )
+  keys = jax.random.split(key, max_new_tokens)
+  choose = lambda logits, k, done: _choose(  # noqa: E731
+      logits, k, done, temperature, top_k, top_p, eos_id, pad_id)
+
+  logits_BxV, cache = model.prefill(context_BxC)
+  first = choose(logits_BxV, keys[0], jnp.zeros((b,), bool))
+
+  def step(carry, xs):
+    cache, token_B, done_B = carry
+    pos, k = xs
+    logits_BxV, cache = model.decode_step(token_B, pos, cache)
+    token_B, in_response_B, done_B = choose(logits_BxV, k, done_B)
+    return (cache, token_B, done_B), (token_B, in_response_B)
+
+  # The last sampled token is never fed back, so T-1 decode steps suffice.
+  positions = c + jnp.arange(max_new_tokens - 1, dtype=jnp.int32)
+  _, (tokens_TxB, in_resp_TxB) = jax.lax.scan(
+      step, (cache, first[0], first[2]), (positions, keys[1:]))
+  tokens_BxT = jnp.concatenate([first[0][:, None], tokens_TxB.T], axis=1)
+  mask_BxT = jnp.concatenate([first[1][:, None], in_resp_TxB.T], axis=1).astype(jnp.float32)
+  return tokens_BxT, mask_BxT
+
+
+def concat_response(
+    context_BxC: Array, response_BxT: Array, response_mask_BxT: Array
+) -> tuple[Array, Array]:
+  """Full sequences ``context + response`` and the response mask indexed like them.
+
+  The returned mask is what ``gpo_jax.model.response_logprobs`` expects: 0 over the
+  context, ``response_mask_BxT`` over the response positions.
+  """
+  if context_BxC.shape[0] != response_BxT.shape[0] or response_BxT.shape != response_mask_BxT.shape:
+    raise ValueError(
+        f"shape mismatch: context {context_BxC.shape}, response {response_BxT.shape}, "
+        f"mask {response_mask_BxT.shape}; need context [B, C], response and mask [B, T]."
+    )
+  tokens_BxL = jnp.concatenate([context_BxC, response_BxT.astype(context_BxC.dtype)], axis=1)
+  mask_BxL = jnp.concatenate(
+      [jnp.zeros(context_BxC.shape, jnp.float32), response_mask_BxT.astype(jnp.float32)], axis=1)
+  return tokens_BxL, mask_BxL

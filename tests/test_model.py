@@ -1,0 +1,183 @@
+"""Tests for gpo_jax.model: causality, shapes, reward model reads, parameter and FLOP counts."""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from gpo_jax import model as gm
+
+# Square weight shapes keep the number of distinct XLA compilations (the main test cost) small.
+CFG = gm.TransformerConfig(vocab_size=8, d_model=8, n_layers=2, n_heads=2, d_ff=8, max_len=8)
+
+
+def forward(model, tokens):
+  return _jit_call(model, tokens)
+
+
+_jit_call = nnx.jit(lambda model, tokens: model(tokens))
+_jit_rm = nnx.jit(lambda model, tokens, mask: model(tokens, mask))
+
+
+@pytest.fixture(scope="module")
+def lm():
+  return gm.Transformer(CFG, rngs=nnx.Rngs(0))
+
+
+def _tokens(seed, b=3, n=7, vocab=CFG.vocab_size):
+  return jnp.asarray(np.random.default_rng(seed).integers(4, vocab, size=(b, n)), jnp.int32)
+
+
+def test_config_rejects_bad_values():
+  with pytest.raises(ValueError, match="n_heads"):
+    gm.TransformerConfig(vocab_size=8, d_model=10, n_layers=1, n_heads=3, d_ff=8, max_len=4)
+  with pytest.raises(ValueError, match="float16"):
+    gm.TransformerConfig(8, 8, 1, 2, 8, 4, dtype="float16")
+  with pytest.raises(ValueError, match="d_ff"):
+    gm.TransformerConfig(8, 8, 1, 2, 0, 4)
+
+
+def test_logits_shape_and_length_check(lm):
+  logits = forward(lm, _tokens(0))
+  assert logits.shape == (3, 7, CFG.vocab_size) and logits.dtype == jnp.float32
+  with pytest.raises(ValueError, match="max_len"):
+    lm(_tokens(0, n=CFG.max_len + 1))
+
+
+def test_causality_by_gradients(lm):
+  """d logits[t] / d h[s] must vanish exactly for every s > t and not for s <= t."""
+  h_LxD = lm.decoder.embed(_tokens(1, b=1))[0]
+  graphdef, state = nnx.split(lm)
+  jac_fn = jax.jit(jax.jacrev(lambda h, st: nnx.merge(graphdef, st).forward_embedded(h[None])[0]))
+  jac_LxVxLxD = jac_fn(h_LxD, state)
+  norm_LxL = np.asarray(jnp.sqrt(jnp.sum(jac_LxVxLxD**2, axis=(1, 3))))
+  n = norm_LxL.shape[0]
+  future = np.triu(np.ones((n, n), bool), k=1)
+  assert np.all(norm_LxL[future] == 0.0), f"logits depend on future inputs:\n{norm_LxL}"
+  assert np.all(norm_LxL[~future] > 0.0), f"logits ignore some past inputs:\n{norm_LxL}"
+
+
+def test_jit_equals_eager(lm):
+  tokens = _tokens(2)
+  graphdef, state = nnx.split(lm)
+  jitted = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x))(state, tokens)
+  np.testing.assert_allclose(jitted, lm(tokens), rtol=1e-5, atol=1e-6, err_msg="jit != eager")
+
+
+def test_weights_carry_logical_axis_names(lm):
+  state = nnx.state(lm, nnx.Param)
+  names = {tuple(v.get_metadata()["out_sharding"]) for v in jax.tree.leaves(
+      state, is_leaf=lambda x: isinstance(x, nnx.Variable))}
+  assert ("vocab", "embed") in names and ("embed", "mlp") in names
+  assert ("embed", None, "heads", "kv") in names and ("heads", "kv", "embed") in names
+
+
+def _expected_params(cfg: gm.TransformerConfig) -> int:
+  d, f = cfg.d_model, cfg.d_ff
+  per_layer = 3 * d * d + d * d + 2 * d * f + 2 * d  # qkv, out, mlp, two norm scales
+  unembed = 0 if cfg.tie_embeddings else d * cfg.vocab_size
+  return cfg.vocab_size * d + cfg.max_len * d + cfg.n_layers * per_layer + d + unembed
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_param_count_closed_form(tie):
+  cfg = gm.TransformerConfig(13, 16, 3, 2, 40, 9, tie_embeddings=tie)
+  # eval_shape: shapes only, so no initialiser has to compile.
+  model = nnx.eval_shape(lambda: gm.Transformer(cfg, rngs=nnx.Rngs(0)))
+  assert gm.param_count(model) == _expected_params(cfg)
+  assert gm.param_count(nnx.state(model, nnx.Param)) == _expected_params(cfg)
+  graphdef, state = nnx.split(model)
+  out = jax.eval_shape(lambda st, x: nnx.merge(graphdef, st)(x), state, _tokens(0, vocab=13))
+  assert out.shape == (3, 7, 13)
+
+
+def _dot_flops(jaxpr) -> int:
+  """2 x (output size) x (contracted size) summed over every dot_general, sub-jaxprs included."""
+  total = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+      lhs_shape = eqn.invars[0].aval.shape
+      contracted = math.prod(lhs_shape[i] for i in lhs_contract)
+      total += 2 * math.prod(eqn.outvars[0].aval.shape) * contracted
+    for param in eqn.params.values():
+      sub = getattr(param, "jaxpr", param)
+      if hasattr(sub, "eqns"):
+        total += _dot_flops(sub)
+  return total
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_flops_per_token_counts_every_matmul(tie):
+  cfg = gm.TransformerConfig(13, 16, 3, 2, 40, 12, tie_embeddings=tie)
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: gm.Transformer(cfg, rngs=nnx.Rngs(0))))
+  b, n = 2, 12
+  fwd = lambda st, x: nnx.merge(graphdef, st)(x)  # noqa: E731
+  jaxpr = jax.make_jaxpr(fwd)(state, _tokens(0, b=b, n=n, vocab=13)).jaxpr
+  assert _dot_flops(jaxpr) == gm.flops_per_token(cfg, n) * b * n, (
+      "flops_per_token disagrees with the matmuls actually traced in the forward pass")
+
+
+def test_response_logprobs_matches_manual_gather(lm):
+  tokens = _tokens(3)
+  mask = jnp.zeros(tokens.shape).at[:, 4:].set(1.0).at[0, 6].set(0.0).at[:, 0].set(1.0)
+  logp = np.asarray(jax.nn.log_softmax(forward(lm, tokens), -1))
+  ref = np.zeros(3)
+  for i in range(3):
+    for t in range(1, tokens.shape[1]):  # position 0 is never a target
+      if mask[i, t]:
+        ref[i] += logp[i, t - 1, int(tokens[i, t])]
+  rlp = nnx.jit(gm.response_logprobs, static_argnames="length_normalize")
+  got = rlp(lm, tokens, mask)
+  np.testing.assert_allclose(got, ref, rtol=1e-5, err_msg="logits at t must score token t+1")
+  count = np.asarray(mask[:, 1:].sum(-1))
+  np.testing.assert_allclose(rlp(lm, tokens, mask, length_normalize=True), ref / count, rtol=1e-5)
+
+
+def test_bfloat16_compute_is_close_to_float32():
+  cfg16 = dataclasses.replace(CFG, dtype="bfloat16")
+  m32, m16 = gm.Transformer(CFG, rngs=nnx.Rngs(0)), gm.Transformer(cfg16, rngs=nnx.Rngs(0))
+  tokens = _tokens(4)
+  out16 = forward(m16, tokens)
+  assert out16.dtype == jnp.float32
+  np.testing.assert_allclose(out16, forward(m32, tokens), atol=5e-2)
+
+
+@pytest.fixture(scope="module")
+def rm():
+  return gm.RewardModel(CFG, rngs=nnx.Rngs(5))
+
+
+def test_reward_model_reads_last_valid_token(rm):
+  tokens = _tokens(6, n=8)
+  lengths = jnp.array([8, 5, 3])
+  mask = (jnp.arange(8)[None] < lengths[:, None]).astype(jnp.int32)
+  tokens = jnp.where(mask == 1, tokens, 0)
+  score = _jit_rm(rm, tokens, mask)
+  assert score.shape == (3,) and score.dtype == jnp.float32
+  # Arbitrary junk after the last valid token must not change the score (causal trunk).
+  junk = jnp.where(mask == 1, tokens, _tokens(7, n=8))
+  np.testing.assert_allclose(_jit_rm(rm, junk, mask), score, rtol=1e-6, atol=1e-6,
+                             err_msg="score depends on tokens after the last valid position")
+  # ... but the last valid token itself must matter.
+  changed = tokens.at[jnp.arange(3), lengths - 1].set(tokens[jnp.arange(3), lengths - 1] % 7 + 4)
+  assert np.all(np.abs(np.asarray(_jit_rm(rm, changed, mask) - score)) > 1e-6), (
+      "score ignores the last valid token; it is read at the wrong position")
+  # Scoring only the prefix gives the same number: the read position is the last valid one.
+  np.testing.assert_allclose(_jit_rm(rm, tokens[1:2, :5], mask[1:2, :5]), score[1:2],
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(_jit_rm(rm, tokens, None), score, rtol=1e-6, err_msg="default mask must be tokens != PAD")
+
+
+def test_reward_model_gradient_flows(rm):
+  tokens = _tokens(8)
+  graphdef, params, rest = nnx.split(rm, nnx.Param, ...)
+  grads = jax.jit(jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p, rest)(tokens))))(params)
+  leaves = jax.tree.leaves(grads)
+  assert all(np.all(np.isfinite(np.asarray(g))) for g in leaves)
+  zero = [g.shape for g in leaves if not np.any(np.asarray(g))]
+  assert zero == [], f"parameters with identically zero gradient: {zero}"
