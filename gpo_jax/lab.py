@@ -1,0 +1,524 @@
+"""The controlled lab as an artifact: build (or reuse) a hashed directory holding π_ref, gold and pairs.
+
+A lab directory ``<workdir>/<name>-<hash12>/`` (the hash covers the config and
+``LAB_CODE_VERSION``) contains::
+
+  policy/            orbax checkpoint of π_ref's parameters (pure dict)
+  gold/              orbax checkpoint of the gold reward model's parameters
+  tfds/gpo_lab/1.0.0 the preference pairs, splits train/test, array_record (TFDS)
+  eval_prompts.npy   held-out contexts ``[BOS] prompt [SEP]``, int32 [M, P + 2]
+  lab.json           config, statistics, versions, SHA-256 of every other file, build time
+
+``lab.json`` is written last, so its presence marks a complete build; a directory without
+it, with a missing file or with a checksum mismatch is rejected by :func:`load_lab` and
+moved aside and rebuilt by :func:`build_or_load`. Builds go to a temporary directory that
+is renamed into place, under an ``fcntl`` lock so concurrent processes build once.
+
+CLI::
+
+  python -m gpo_jax.lab --config configs/lab.py:small --workdir labs/
+"""
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gpo_jax import corpus as corpus_lib
+from gpo_jax import lab_build
+from gpo_jax import model as model_lib
+
+# Bump when a change to the code changes what a given config builds.
+LAB_CODE_VERSION = "1"
+LAB_JSON = "lab.json"
+EVAL_PROMPTS = "eval_prompts.npy"
+SPLITS = ("train", "test")
+
+
+class LabError(RuntimeError):
+  """A lab directory is missing, incomplete or corrupt."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelShape:
+  d_model: int
+  n_layers: int
+  n_heads: int
+  d_ff: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LabConfig:
+  """Everything that determines a lab (see ``configs/lab.py`` for the meaning of each knob)."""
+
+  name: str = "tiny"
+  seed: int = 0
+  corpus: corpus_lib.CorpusConfig = corpus_lib.CorpusConfig()
+  policy: ModelShape = ModelShape(32, 2, 2, 64)
+  sft_steps: int = 300
+  sft_batch: int = 32
+  sft_lr: float = 3e-3
+  sft_warmup: int = 30
+  sft_weight_decay: float = 0.01
+  sft_eval_every: int = 100
+  sft_eval_episodes: int = 256
+  gold: ModelShape = ModelShape(48, 2, 2, 96)
+  gold_init_scale: float = 3.0
+  gold_pos_scale: float = 0.0
+  gold_norm_samples: int = 1024
+  n_train_pairs: int = 512
+  n_test_pairs: int = 256
+  n_eval_prompts: int = 64
+  label_temp: float = 1.0
+  hard_labels: bool = False
+  label_flip: float = 0.0
+  sample_temperature: float = 1.0
+  n_stat_episodes: int = 512
+  batch_size: int = 256
+
+  def __post_init__(self):
+    for f in ("sft_steps", "sft_batch", "sft_eval_every", "sft_eval_episodes",
+              "gold_norm_samples", "n_train_pairs", "n_test_pairs", "n_eval_prompts",
+              "n_stat_episodes", "batch_size"):
+      if getattr(self, f) < 2:
+        raise ValueError(f"LabConfig.{f}={getattr(self, f)} must be >= 2")
+    if not self.label_temp > 0:
+      raise ValueError(f"LabConfig.label_temp={self.label_temp} must be > 0")
+    if not 0.0 <= self.label_flip <= 0.5:
+      raise ValueError(f"LabConfig.label_flip={self.label_flip} must be in [0, 0.5]")
+    if not self.sample_temperature > 0:
+      raise ValueError(f"LabConfig.sample_temperature={self.sample_temperature} must be > 0")
+    if self.name != os.path.basename(self.name) or not self.name:
+      raise ValueError(f"LabConfig.name={self.name!r} must be a plain directory-name prefix")
+
+  @classmethod
+  def from_dict(cls, d) -> "LabConfig":
+    """From a nested dict or a ``ConfigDict`` (unknown keys raise, naming the valid ones)."""
+    d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
+    valid = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - valid)
+    if unknown:
+      raise ValueError(f"unknown LabConfig fields {unknown}; valid: {sorted(valid)}")
+    d["corpus"] = corpus_lib.CorpusConfig(**dict(d.get("corpus", {})))
+    for k in ("policy", "gold"):
+      if k in d:
+        d[k] = ModelShape(**dict(d[k]))
+    return cls(**d)
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @property
+  def policy_config(self) -> model_lib.TransformerConfig:
+    p = self.policy
+    return model_lib.TransformerConfig(
+        vocab_size=self.corpus.vocab_size, d_model=p.d_model, n_layers=p.n_layers,
+        n_heads=p.n_heads, d_ff=p.d_ff, max_len=self.corpus.max_episode_len)
+
+  @property
+  def gold_config(self) -> model_lib.TransformerConfig:
+    g = self.gold
+    return model_lib.TransformerConfig(
+        vocab_size=self.corpus.vocab_size, d_model=g.d_model, n_layers=g.n_layers,
+        n_heads=g.n_heads, d_ff=g.d_ff, max_len=self.corpus.policy_len)
+
+  def config_hash(self) -> str:
+    """12 hex digits of SHA-256 over the config (minus its name) and ``LAB_CODE_VERSION``."""
+    d = self.to_dict()
+    d.pop("name")
+    blob = json.dumps({"config": d, "code": LAB_CODE_VERSION}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+  @property
+  def dirname(self) -> str:
+    return f"{self.name}-{self.config_hash()}"
+
+
+def load_config(spec: str, **overrides) -> LabConfig:
+  """``LabConfig`` from a config-file spec such as ``"configs/lab.py:small"``.
+
+  Args:
+    spec: ``path/to/file.py[:arg]``; the file's ``get_config(arg)`` is called.
+    **overrides: top-level fields replaced afterwards (``dataclasses.replace``).
+  """
+  import importlib.util
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise ValueError(f"config file {path!r} (from spec {spec!r}) does not exist")
+  module_spec = importlib.util.spec_from_file_location(f"_lab_config_{abs(hash(path))}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  cfg = LabConfig.from_dict(module.get_config(arg or None))
+  return dataclasses.replace(cfg, **overrides) if overrides else cfg
+
+
+# ---------------------------------------------------------------------- the loaded lab
+@dataclasses.dataclass
+class Lab:
+  """A built lab, loaded. ``pairs(split)`` reads the TFDS dataset (memoised per instance).
+
+  Attributes:
+    path: absolute lab directory.
+    cfg: its :class:`LabConfig`.
+    stats: the statistics recorded at build time (``lab.json``).
+    policy_cfg, ref_state: π_ref's ``TransformerConfig`` and parameter ``nnx.State``.
+    gold_cfg, gold_state, gold_mean, gold_std: the gold model and the raw-score constants
+      that normalise it to mean 0, std 1 under π_ref samples.
+    eval_prompts: held-out contexts ``[BOS] prompt [SEP]``, int32 ``[M, P + 2]``.
+  """
+
+  path: str
+  cfg: LabConfig
+  stats: dict
+  policy_cfg: model_lib.TransformerConfig
+  ref_state: Any
+  gold_cfg: model_lib.TransformerConfig
+  gold_state: Any
+  gold_mean: float
+  gold_std: float
+  eval_prompts: np.ndarray
+  _pairs_cache: dict = dataclasses.field(default_factory=dict, repr=False)
+
+  @property
+  def corpus(self) -> corpus_lib.Corpus:
+    return corpus_lib.Corpus(self.cfg.corpus)
+
+  @property
+  def tfds_dir(self) -> str:
+    from gpo_jax import lab_tfds
+    return os.path.join(self.path, "tfds", lab_tfds.DATASET_NAME, lab_tfds.DATASET_VERSION)
+
+  def policy(self) -> model_lib.Transformer:
+    """A fresh ``Transformer`` holding a copy of π_ref's parameters."""
+    return _merge_copy(model_lib.Transformer, self.policy_cfg, self.ref_state)
+
+  def gold(self) -> model_lib.RewardModel:
+    """The gold ``RewardModel`` (raw scores; see :meth:`gold_score` for normalised ones)."""
+    return _merge_copy(model_lib.RewardModel, self.gold_cfg, self.gold_state)
+
+  def gold_score(self, tokens_BxL, mask_BxL=None) -> np.ndarray:
+    """Normalised gold score of ``[BOS] prompt [SEP] response`` sequences.
+
+    ``mask_BxL`` marks valid tokens (context + response mask); the score is read at the
+    last one. Defaults to ``tokens != PAD``, right unless a response contains a PAD id.
+    """
+    tokens_BxL = np.asarray(tokens_BxL)
+    if mask_BxL is None:
+      mask_BxL = tokens_BxL != corpus_lib.PAD
+    raw = np.asarray(self.gold()(tokens_BxL, np.asarray(mask_BxL)), np.float64)
+    return (raw - self.gold_mean) / self.gold_std
+
+  def pairs(self, split: str) -> dict[str, np.ndarray]:
+    """Preference pairs of ``split`` as NumPy arrays, read through the TFDS data source.
+
+    Fields: ``prompt [N, P+2]`` (the context ``[BOS] prompt [SEP]``), ``chosen``,
+    ``rejected`` ``[N, T]`` int32, ``chosen_mask``, ``rejected_mask`` ``[N, T]`` int32 (1 on
+    response tokens up to and including EOS), ``ref_chosen_logps``, ``ref_rejected_logps``,
+    ``gold_chosen``, ``gold_rejected`` (normalised), ``label_p`` ``[N]`` float32.
+    """
+    from gpo_jax import lab_tfds
+    if split not in SPLITS:
+      raise ValueError(f"unknown split {split!r}; choose one of {list(SPLITS)}")
+    if split not in self._pairs_cache:
+      self._pairs_cache[split] = lab_tfds.read_split(self.tfds_dir, split)
+    return {k: v.copy() for k, v in self._pairs_cache[split].items()}
+
+
+def _merge_copy(cls, cfg, state):
+  abstract = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0)))
+  graphdef, _ = nnx.split(abstract)
+  return nnx.merge(graphdef, jax.tree.map(lambda x: jnp.array(x, copy=True), state))
+
+
+# ---------------------------------------------------------------------- checksums / io
+def _sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def _all_files(root: str) -> list[str]:
+  out = []
+  for d, _, files in os.walk(root):
+    for f in files:
+      rel = os.path.relpath(os.path.join(d, f), root)
+      if rel != LAB_JSON:
+        out.append(rel)
+  return sorted(out)
+
+
+def _save_state(path: str, state) -> None:
+  import orbax.checkpoint as ocp
+  ckpt = ocp.StandardCheckpointer()
+  ckpt.save(os.path.abspath(path), nnx.to_pure_dict(state))
+  ckpt.wait_until_finished()
+  ckpt.close()
+
+
+def _restore_state(path: str, cls, cfg):
+  import orbax.checkpoint as ocp
+  abstract = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0)))
+  _, abstract_state = nnx.split(abstract)
+  target = nnx.to_pure_dict(abstract_state)
+  ckpt = ocp.StandardCheckpointer()
+  try:
+    restored = ckpt.restore(os.path.abspath(path), target)
+  finally:
+    ckpt.close()
+  nnx.replace_by_pure_dict(abstract_state, restored)
+  return abstract_state
+
+
+def _versions() -> dict:
+  import flax
+  import optax
+  import orbax.checkpoint
+  import tensorflow_datasets
+  import gpo_jax
+  return {"gpo_jax": gpo_jax.__version__, "lab_code": LAB_CODE_VERSION, "jax": jax.__version__,
+          "flax": flax.__version__, "optax": optax.__version__,
+          "orbax": orbax.checkpoint.__version__, "tfds": tensorflow_datasets.__version__,
+          "numpy": np.__version__, "python": platform.python_version(),
+          "backend": jax.default_backend()}
+
+
+# ---------------------------------------------------------------------- load
+def load_lab(path: str, verify: bool = True) -> Lab:
+  """Loads a complete lab directory; raises :class:`LabError` naming what is wrong."""
+  path = os.path.abspath(path)
+  if not os.path.isdir(path):
+    raise LabError(f"lab directory {path} does not exist")
+  meta_path = os.path.join(path, LAB_JSON)
+  if not os.path.exists(meta_path):
+    raise LabError(f"lab {path} is incomplete: {LAB_JSON} is missing (the build did not "
+                   f"finish); delete it or rebuild with build_or_load")
+  try:
+    with open(meta_path) as f:
+      meta = json.load(f)
+    files = meta["files"]
+    cfg = LabConfig.from_dict(meta["config"])
+  except (ValueError, KeyError, TypeError) as e:
+    raise LabError(f"lab {path}: {LAB_JSON} is unreadable or malformed ({e})") from e
+  if meta.get("code_version") != LAB_CODE_VERSION:
+    raise LabError(f"lab {path} was built by lab code version {meta.get('code_version')!r}, "
+                   f"this code is {LAB_CODE_VERSION!r}; rebuild it")
+  if verify:
+    missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
+    if missing:
+      raise LabError(f"lab {path} is corrupt: missing files {missing[:5]}"
+                     f"{' ...' if len(missing) > 5 else ''}")
+    bad = [f for f, digest in files.items() if _sha256(os.path.join(path, f)) != digest]
+    if bad:
+      raise LabError(f"lab {path} is corrupt: checksum mismatch in {bad[:5]}")
+  try:
+    ref_state = _restore_state(os.path.join(path, "policy"), model_lib.Transformer,
+                               cfg.policy_config)
+    gold_state = _restore_state(os.path.join(path, "gold"), model_lib.RewardModel,
+                                cfg.gold_config)
+    eval_prompts = np.load(os.path.join(path, EVAL_PROMPTS))
+  except Exception as e:  # orbax/numpy raise many types; all mean "unusable"
+    raise LabError(f"lab {path}: cannot restore its contents ({type(e).__name__}: {e})") from e
+  return Lab(path=path, cfg=cfg, stats=meta["stats"], policy_cfg=cfg.policy_config,
+             ref_state=ref_state, gold_cfg=cfg.gold_config, gold_state=gold_state,
+             gold_mean=float(meta["gold_mean"]), gold_std=float(meta["gold_std"]),
+             eval_prompts=eval_prompts)
+
+
+# ---------------------------------------------------------------------- build
+def build_or_load(cfg: LabConfig, workdir: str, log=print) -> Lab:
+  """Returns the lab for ``cfg`` under ``workdir``, building it if absent or invalid.
+
+  A complete, valid lab is reused. An invalid one (no ``lab.json``, missing file, checksum
+  mismatch) is moved aside to ``<dir>.corrupt-<time>`` and rebuilt. Concurrent callers are
+  serialised by an ``fcntl`` lock, so a lab is built once.
+  """
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  final = os.path.join(workdir, cfg.dirname)
+  with open(os.path.join(workdir, f".{cfg.dirname}.lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if os.path.exists(final):
+      try:
+        lab = load_lab(final)
+        log(f"reusing lab {final}")
+        return lab
+      except LabError as e:
+        aside = f"{final}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        log(f"invalid lab ({e}); moving it to {aside} and rebuilding")
+        os.rename(final, aside)
+    # Under the lock no other process is building this lab, so any leftover build
+    # directory belongs to a crashed build.
+    for stale in os.listdir(workdir):
+      if stale.startswith(f".building-{cfg.dirname}-"):
+        shutil.rmtree(os.path.join(workdir, stale), ignore_errors=True)
+    tmp = os.path.join(workdir, f".building-{cfg.dirname}-{os.getpid()}")
+    try:
+      build(cfg, tmp, log=log)
+      os.rename(tmp, final)
+    except BaseException:
+      shutil.rmtree(tmp, ignore_errors=True)
+      raise
+    return load_lab(final)
+
+
+def build(cfg: LabConfig, out_dir: str, log=print) -> dict:
+  """Builds every part of the lab into ``out_dir`` (lab.json last); returns its statistics."""
+  from gpo_jax import lab_tfds
+  t_start = time.time()
+  out_dir = os.path.abspath(out_dir)
+  os.makedirs(out_dir)
+  corpus = corpus_lib.Corpus(cfg.corpus)
+  c = cfg.corpus
+  bs = cfg.batch_size
+  stats: dict[str, Any] = {}
+  timings = {}
+  cpu0 = time.process_time()
+  log(f"building lab {cfg.dirname} into {out_dir}")
+
+  # 1. π_ref by SFT on episodes.
+  t = time.time()
+  sft = lab_build.SFTConfig(cfg.sft_steps, cfg.sft_batch, cfg.sft_lr, cfg.sft_warmup,
+                            cfg.sft_weight_decay, cfg.sft_eval_every, cfg.sft_eval_episodes)
+  graphdef, ref_state, curve = lab_build.train_sft(cfg.policy_config, corpus, sft, cfg.seed,
+                                                   log=log)
+  timings["sft"] = time.time() - t
+  stats["sft/curve"] = [dict(step=s, train=a, heldout=b, heldout_response=r)
+                        for s, a, b, r in curve]
+  stats["sft/first_heldout"] = curve[0][2]
+  stats["sft/final_heldout"] = curve[-1][2]
+  stats["sft/final_heldout_response"] = curve[-1][3]
+  stats["sft/final_train"] = curve[-1][1]
+  stats["ref/params"] = model_lib.param_count(ref_state)
+
+  # 2. Gold model, normalised under π_ref samples on eval-distribution prompts.
+  t = time.time()
+  gold_graphdef, gold_state = lab_build.init_gold(cfg.gold_config, cfg.seed + 1,
+                                                  cfg.gold_init_scale, cfg.gold_pos_scale)
+  models = lab_build.Models(graphdef, ref_state, gold_graphdef, gold_state)
+  stats["gold/params"] = model_lib.param_count(gold_state)
+  rng = np.random.default_rng([cfg.seed, 0x601D])
+  norm_ctx = corpus.context(corpus.sample_prompts(rng, cfg.gold_norm_samples))
+  norm_resp, norm_mask = lab_build.sample_responses(
+      graphdef, ref_state, norm_ctx, jax.random.fold_in(jax.random.key(cfg.seed), 0x601D),
+      response_len=c.response_len, temperature=cfg.sample_temperature, batch_size=bs)
+  raw = lab_build.score_gold(models, norm_ctx, norm_resp, norm_mask, bs, normalise=False)
+  gold_mean, gold_std = float(raw.mean()), float(raw.std())
+  if not gold_std > 0:
+    raise RuntimeError(f"gold scores of π_ref samples have zero spread (std={gold_std})")
+  models = dataclasses.replace(models, gold_mean=gold_mean, gold_std=gold_std)
+  timings["gold"] = time.time() - t
+
+  # 3. Statistics of π_ref and gold.
+  t = time.time()
+  stats.update(lab_build.ref_and_gold_stats(cfg, corpus, models, norm_ctx, norm_resp,
+                                             norm_mask))
+  stats.update(lab_build.icl_gain(models, corpus, cfg.n_stat_episodes, cfg.seed, bs))
+  timings["stats"] = time.time() - t
+
+  # 4. Preference pairs and eval prompts.
+  t = time.time()
+  pairs = {}
+  for stream, split, n in ((0x7A1, "train", cfg.n_train_pairs), (0x7E5, "test", cfg.n_test_pairs)):
+    pairs[split] = lab_build.make_pairs(
+        models, corpus, n, cfg.seed, stream, label_temp=cfg.label_temp, hard=cfg.hard_labels,
+        flip=cfg.label_flip, temperature=cfg.sample_temperature, batch_size=bs)
+  eval_rng = np.random.default_rng([cfg.seed, 0xE7A])
+  eval_prompts = corpus.context(corpus.sample_prompts(eval_rng, cfg.n_eval_prompts))
+  np.save(os.path.join(out_dir, EVAL_PROMPTS), eval_prompts)
+  stats.update(lab_build.pair_stats(cfg, pairs["train"]))
+  timings["pairs"] = time.time() - t
+
+  # 5. Write the artifact: checkpoints, TFDS, then lab.json (the completion marker).
+  t = time.time()
+  _save_state(os.path.join(out_dir, "policy"), ref_state)
+  _save_state(os.path.join(out_dir, "gold"), gold_state)
+  scratch = os.path.join(out_dir, "_scratch")
+  lab_tfds.write_dataset(pairs, os.path.join(out_dir, "tfds"), scratch, c.prompt_len + 2,
+                         c.response_len)
+  shutil.rmtree(scratch)
+  stats["data/sha256"] = {s: _arrays_digest(pairs[s]) for s in SPLITS}
+  timings["write"] = time.time() - t
+  timings["total"] = time.time() - t_start
+  timings["cpu_total"] = time.process_time() - cpu0
+  stats["build/seconds"] = timings
+  meta = {"name": cfg.name, "hash": cfg.config_hash(), "code_version": LAB_CODE_VERSION,
+          "config": cfg.to_dict(), "gold_mean": gold_mean, "gold_std": gold_std,
+          "stats": stats, "versions": _versions(),
+          "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+          "files": {f: _sha256(os.path.join(out_dir, f)) for f in _all_files(out_dir)}}
+  tmp_meta = os.path.join(out_dir, LAB_JSON + ".tmp")
+  with open(tmp_meta, "w") as f:
+    json.dump(meta, f, indent=1, sort_keys=True)
+  os.replace(tmp_meta, os.path.join(out_dir, LAB_JSON))
+  return stats
+
+
+def _arrays_digest(arrays: dict[str, np.ndarray]) -> str:
+  """SHA-256 over the named arrays' dtypes, shapes and bytes (order-independent of dict order)."""
+  h = hashlib.sha256()
+  for k in sorted(arrays):
+    a = np.ascontiguousarray(arrays[k])
+    h.update(f"{k}:{a.dtype.str}:{a.shape}".encode())
+    h.update(a.tobytes())
+  return h.hexdigest()
+
+
+def summary(lab: Lab) -> str:
+  """Human-readable key statistics of a lab."""
+  s = lab.stats
+  styles = ", ".join(f"{k}: {v['mean']:+.3f}" for k, v in s["gold/by_style"].items())
+  lines = [
+      f"lab {lab.path}",
+      f"  π_ref {s['ref/params']:,} params; SFT held-out loss {s['sft/first_heldout']:.3f} -> "
+      f"{s['sft/final_heldout']:.3f} nats/token (all episode tokens)",
+      f"  response NLL without demos: π_ref {s['ref/response_nll_per_token']:.3f}, Bayes "
+      f"mixture {s['corpus/bayes_nll_per_token']:.3f}, style known "
+      f"{s['corpus/true_style_nll_per_token']:.3f} nats/token",
+      f"  π_ref entropy {s['ref/entropy_per_token']:.3f} nats/token (log V = "
+      f"{s['ref/log_vocab']:.3f}); mean response length {s['ref/mean_length']:.2f}",
+      f"  ICL gain (2 demos) {s['icl/gain']:.3f} ± {s['icl/gain_se']:.3f} nats/response "
+      f"({s['icl/gain_per_token']:.3f}/token; Bayes-optimal {s['icl/bayes_gain']:.3f})",
+      f"  gold {s['gold/params']:,} params; under π_ref mean {s['gold/ref_mean']:.3f} std "
+      f"{s['gold/ref_std']:.3f}; corr(gold, length) {s['gold/length_corr']:+.3f}",
+      f"  gold by style (corpus responses): {styles}",
+      f"  labels agree with gold on {s['data/label_agreement']:.3f} of untied train pairs "
+      f"(BT prediction {s['data/label_agreement_predicted']:.3f})",
+      f"  build time {s['build/seconds']['total']:.1f}s "
+      + ", ".join(f"{k} {v:.1f}s" for k, v in s["build/seconds"].items() if k != "total"),
+  ]
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  from absl import flags
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)  # orbax logs every read and write at INFO
+  cfg = LabConfig.from_dict(flags.FLAGS.config)
+  t = time.time()
+  lab = build_or_load(cfg, flags.FLAGS.workdir)
+  print(summary(lab))
+  print(f"done in {time.time() - t:.1f}s")
+
+
+if __name__ == "__main__":
+  from absl import app
+  from absl import flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file("config", None, "Lab config file, e.g. configs/lab.py:small.",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", "labs", "Directory holding lab directories.")
+  flags.mark_flags_as_required(["config"])
+  app.run(main)
