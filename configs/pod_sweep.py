@@ -1,0 +1,43 @@
+"""Pod-scale sweep: 6 GPO families x 6 betas x 8 seeds x 2 data sizes on the ``large`` lab, fsdp.
+
+Run on every host of a pod slice (one process per host; multi-host needs
+``--config.distributed.enabled=True`` plus the coordinator address, process count and id)::
+
+  python -m gpo_jax.main --config configs/pod_sweep.py:32,8,1 --workdir gs://.../pod_sweep
+
+``arg`` is the mesh ``sweep,data,model`` (default ``32,8,1`` = 256 devices); the 576
+members must be divisible by ``sweep`` and ``train.batch_size`` by ``data``. Expected
+runtime: roughly 1-2 hours on a v4-256 / 256 H100s (not measured here: this machine has
+no accelerator); the first run also builds the ``large`` lab (minutes on accelerators).
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+
+def _cpu_sweep():
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_sweep.py")
+  spec = importlib.util.spec_from_file_location("gpo_cpu_sweep_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Locked pod config; ``arg`` = ``"sweep,data,model"`` mesh sizes."""
+  sweep_n, data_n, model_n = (int(v) for v in (arg or "32,8,1").split(","))
+  c = _cpu_sweep().get_config("large")
+  c.unlock()
+  c.sweep.seeds = tuple(range(8))
+  c.sweep.data_sizes = (8192, 0)      # a data-size axis: 8k pairs vs all 64k
+  c.train.update(dict(steps=5000, batch_size=256, warmup_steps=100))
+  c.sweep.lrs = (3e-4,)
+  c.eval.update(dict(every=250, n_prompts=256, samples_per_prompt=8,
+                     ref_samples_per_prompt=256, n_test_pairs=2048, member_chunk=16,
+                     bon_n=(1, 2, 4, 8, 16, 32, 64, 128, 256)))
+  c.mesh.update(dict(preset="fsdp", sweep=sweep_n, data=data_n, model=model_n))
+  c.checkpoint.update(dict(every=500, keep=3))
+  c.lock()
+  return c

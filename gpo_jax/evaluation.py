@@ -1,0 +1,258 @@
+"""On-policy and offline evaluation of every sweep member at once: KL, gold reward, win rate, entropy, TRL diagnostics.
+
+Each member samples ``n`` responses per held-out eval prompt with the KV-cache sampler
+(vmapped over the stacked parameters; sampling keys depend on the member's seed and the
+step only, so members with the same seed share common random numbers). Along those
+samples we measure (SPEC §4):
+
+* ``kl``: exact per-token ``KL(π(·|s_t) ‖ π_ref(·|s_t))`` over the vocabulary, summed over
+  the response; unbiased for the sequence KL and of low variance. Also the sample
+  estimators ``kl_k1 = mean(log π(y) − log π_ref(y))`` and ``kl_k3 = mean(r − 1 − log r)``
+  with ``r = π_ref(y)/π(y)`` per sequence. ``sqrt_kl`` is Gao's ``d``.
+* ``gold/reward``: the gold score (normalised with the lab's constants) minus the mean gold
+  of ``π_ref`` samples on the same prompts, so ``R(0) = 0``; ``gold/win_rate`` is the mean
+  of ``σ(g(y) − g(y_ref))`` over the ``π_ref`` pool of the prompt (gold Bradley–Terry).
+* ``entropy``: the policy's per-token entropy along its own samples.
+* Offline diagnostics on held-out test pairs with TRL names: ``rewards/chosen`` ``=
+  β(log π(y_w) − log π_ref(y_w))``, ``rewards/rejected``, ``rewards/margins``,
+  ``rewards/accuracies``, plus ``rho/mean``, ``offline_reg = ½ mean ρ²``, ``beta_eff``.
+
+Every sampled estimate comes with ``n_samples`` and a standard error ``*_se``. The policy
+and the reference are run through the *same* vmapped forward (stacked as a pair), so at
+step 0, where the parameters equal π_ref, the exact KL is exactly 0.
+
+References:
+  Schulman 2020, "Approximating KL divergence" (k1, k3 estimators).
+  Gao, Schulman, Hilton 2023, "Scaling Laws for Reward Model Overoptimization",
+  arXiv 2210.10760 (R(0) = 0 convention, best-of-n baseline).
+"""
+
+from collections.abc import Mapping, Sequence
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gpo_jax import bon as bon_lib
+from gpo_jax import distributed
+from gpo_jax import logprobs
+from gpo_jax import losses
+from gpo_jax import sampling
+from gpo_jax import sweep as sweep_lib
+
+Array = jax.Array
+
+# fold_in tags keeping evaluation randomness apart from the data-order stream.
+_EVAL_STREAM = 0xE7A1
+_REF_STREAM = 0x7EF
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """Sizes of one evaluation.
+
+  Attributes:
+    n_prompts: held-out eval prompts used (the first ``n_prompts`` of ``Lab.eval_prompts``).
+    samples_per_prompt: policy samples per prompt and member (``n_samples = n_prompts *
+      samples_per_prompt``).
+    ref_samples_per_prompt: ``π_ref`` pool per prompt (the ``R(0)`` baseline, win rate
+      opponents and the best-of-n pool ``N``).
+    n_test_pairs: held-out preference pairs for the offline diagnostics (0 = all).
+    member_chunk: members evaluated together (vmapped) at a time; bounds memory.
+    bon_n: best-of-n sizes reported in ``bon.json`` (clipped to ``N``).
+    seed: seed of the ``π_ref`` pool.
+  """
+  n_prompts: int = 32
+  samples_per_prompt: int = 4
+  ref_samples_per_prompt: int = 64
+  n_test_pairs: int = 256
+  member_chunk: int = 8
+  bon_n: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+  seed: int = 0
+
+
+def _mean_se(x_MxN: Array) -> tuple[Array, Array]:
+  n = x_MxN.shape[-1]
+  mean = jnp.mean(x_MxN, axis=-1)
+  se = jnp.std(x_MxN, axis=-1, ddof=1) / jnp.sqrt(n) if n > 1 else jnp.full_like(mean, jnp.nan)
+  return mean, se
+
+
+class Evaluator:
+  """Evaluates stacked sweep parameters against the lab's reference, gold model and test pairs.
+
+  Build it with :meth:`from_lab`, call :meth:`reference` once (π_ref pool: baseline and
+  best-of-n), then :meth:`__call__` at every eval step.
+  """
+
+  def __init__(self, *, graphdef, rest, ref_params, gold_graphdef, gold_state,
+               gold_mean: float, gold_std: float, eval_prompts: np.ndarray,
+               test_pairs: Mapping[str, np.ndarray], families: Sequence[Any],
+               ecfg: EvalConfig, length_normalize: bool = False):
+    if ecfg.n_prompts > len(eval_prompts):
+      raise ValueError(f"eval.n_prompts={ecfg.n_prompts} exceeds the lab's "
+                       f"{len(eval_prompts)} eval prompts.")
+    if ecfg.samples_per_prompt < 2 and ecfg.n_prompts < 2:
+      raise ValueError("evaluation needs at least 2 samples for standard errors.")
+    self.ecfg = ecfg
+    self.graphdef, self.rest = graphdef, rest
+    self.ref_params = ref_params
+    self.gold_graphdef, self.gold_state = gold_graphdef, gold_state
+    self.gold_mean, self.gold_std = float(gold_mean), float(gold_std)
+    self.prompts_ExP = jnp.asarray(eval_prompts[:ecfg.n_prompts])
+    n_test = len(test_pairs["chosen"])
+    k = n_test if ecfg.n_test_pairs <= 0 else min(ecfg.n_test_pairs, n_test)
+    self.test = {key: jnp.asarray(v[:k]) for key, v in sweep_lib.train_arrays(test_pairs).items()}
+    self.resp_len = int(test_pairs["chosen"].shape[1])
+    self.families = tuple(families)
+    self.beta_eff_scales = jnp.asarray(losses.beta_eff_scales(self.families))
+    self.length_normalize = length_normalize
+    self.ref_gold_ExN = None
+    self.ref_gold_mean = None
+    self._eval = jax.jit(self._eval_all)
+    self._pool = jax.jit(self._pool_fn)
+
+  @classmethod
+  def from_lab(cls, lab, graphdef, rest, families, ecfg: EvalConfig,
+               length_normalize: bool = False) -> "Evaluator":
+    gold_graphdef, gold_state = nnx.split(lab.gold())
+    ref_params = nnx.state(lab.policy(), nnx.Param)
+    return cls(graphdef=graphdef, rest=rest, ref_params=ref_params,
+               gold_graphdef=gold_graphdef, gold_state=gold_state,
+               gold_mean=lab.gold_mean, gold_std=lab.gold_std,
+               eval_prompts=np.asarray(lab.eval_prompts), test_pairs=lab.pairs("test"),
+               families=families, ecfg=ecfg, length_normalize=length_normalize)
+
+  # ------------------------------------------------------------------ shared pieces
+
+  def _gold(self, gold_state, ctx_BxP, resp_BxT, mask_BxT) -> Array:
+    """Gold score normalised with the lab's constants (before reference subtraction)."""
+    gold = nnx.merge(self.gold_graphdef, gold_state)
+    tokens = jnp.concatenate([ctx_BxP, resp_BxT], axis=1)
+    valid = jnp.concatenate([ctx_BxP != sampling.PAD, mask_BxT > 0], axis=1)
+    return (gold(tokens, valid) - self.gold_mean) / self.gold_std
+
+  def _sample(self, params, ctx_BxP, key):
+    # Always temperature 1: the KL and gold estimates are about π itself.
+    model = nnx.merge(self.graphdef, params, self.rest)
+    return sampling.sample(model, ctx_BxP, key, max_new_tokens=self.resp_len)
+
+  # ------------------------------------------------------------------ reference pool
+
+  def _pool_fn(self, ref_params, gold_state, prompts_ExP, key):
+    n = self.ecfg.ref_samples_per_prompt
+
+    def one_prompt(ctx_P, k):
+      ctx = jnp.broadcast_to(ctx_P, (n,) + ctx_P.shape)
+      resp, mask = self._sample(ref_params, ctx, k)
+      return self._gold(gold_state, ctx, resp, mask)
+
+    keys = jax.random.split(key, prompts_ExP.shape[0])
+    return jax.lax.map(lambda a: one_prompt(*a), (prompts_ExP, keys))
+
+  def reference(self) -> dict[str, Any]:
+    """Samples the ``π_ref`` pool once; sets the gold baseline and returns ``bon.json``.
+
+    Returns:
+      The best-of-n curve (ARCHITECTURE.md ``bon.json`` layout) from pools of
+      ``N = ref_samples_per_prompt`` samples per eval prompt, selected by gold; gold is
+      reference-subtracted (the pool mean), so ``n = 1`` gives 0.
+    """
+    e, n = self.prompts_ExP.shape[0], self.ecfg.ref_samples_per_prompt
+    key = jax.random.fold_in(jax.random.key(self.ecfg.seed), _REF_STREAM)
+    gold_ExN = distributed.to_host(
+        self._pool(self.ref_params, self.gold_state, self.prompts_ExP, key)).astype(np.float64)
+    self.ref_gold_mean = float(gold_ExN.mean())
+    self.ref_gold_ExN = jnp.asarray(gold_ExN, jnp.float32)
+    ns = sorted({int(v) for v in self.ecfg.bon_n if 1 <= v <= n} | {1})
+    curve = bon_lib.best_of_n(gold_ExN - self.ref_gold_mean, ns=ns, selector="gold")
+    out = curve.to_json_dict()
+    out["ref_gold_mean"] = self.ref_gold_mean
+    out["num_prompts"] = int(e)
+    return out
+
+  # ------------------------------------------------------------------ members
+
+  def _eval_member(self, params, hp, step, aux):
+    """All metrics of one member (vmapped over members by the caller)."""
+    e, n = aux["prompts"].shape[0], self.ecfg.samples_per_prompt
+    ref_params, gold_state = aux["ref_params"], aux["gold_state"]
+    ctx = jnp.repeat(aux["prompts"], n, axis=0)                       # [E*n, P]
+    key = jax.random.fold_in(
+        jax.random.fold_in(jax.random.key(hp["seed"]), _EVAL_STREAM), step)
+    resp, mask = self._sample(params, ctx, key)
+    tokens = jnp.concatenate([ctx, resp], axis=1)
+    p_len = ctx.shape[1]
+
+    # Policy and reference through one batched forward, so equal params give equal logits.
+    pair = jax.tree.map(lambda a, b: jnp.stack([a, b]), params, ref_params)
+    logits_2xBxLxV = jax.vmap(
+        lambda st: nnx.merge(self.graphdef, st, self.rest)(tokens[:, :-1]))(pair)
+    # Logits at position t predict token t + 1: the response is predicted from P-1 on.
+    logits_2xBxTxV = logits_2xBxLxV[:, :, p_len - 1:]
+    pol, ref = logits_2xBxTxV[0], logits_2xBxTxV[1]
+    m = mask.astype(jnp.float32)
+    kl_B = jnp.sum(logprobs.token_kl(pol, ref) * m, axis=-1)
+    logp_pol = jnp.sum(logprobs.token_logprobs(pol, resp) * m, axis=-1)
+    logp_ref = jnp.sum(logprobs.token_logprobs(ref, resp) * m, axis=-1)
+    k1_B = logp_pol - logp_ref
+    log_r = -k1_B
+    k3_B = jnp.expm1(log_r) - log_r
+    ent = jnp.sum(logprobs.token_entropy(pol) * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+    gold_B = self._gold(gold_state, ctx, resp, mask)
+    ref_ExN = aux["ref_gold"]
+    win_B = jnp.mean(jax.nn.sigmoid(
+        gold_B.reshape(e, n, 1) - ref_ExN[:, None, :]), axis=-1).reshape(-1)
+
+    # Offline diagnostics on held-out pairs (reference log-probs from the dataset).
+    t = sweep_lib.pair_terms(self.graphdef, params, self.rest, aux["test"], hp["beta"],
+                             self.length_normalize)
+    return {
+        "per_sample": {"kl": kl_B, "kl_k1": k1_B, "kl_k3": k3_B,
+                       "gold/reward": gold_B, "gold/win_rate": win_B},
+        "entropy": ent,
+        "rewards/chosen": jnp.mean(t["chosen"]),
+        "rewards/rejected": jnp.mean(t["rejected"]),
+        "rewards/margins": jnp.mean(t["chosen"] - t["rejected"]),
+        "rewards/accuracies": jnp.mean((t["chosen"] > t["rejected"]).astype(jnp.float32)),
+        "rho/mean": jnp.mean(t["rho"]),
+        "offline_reg": 0.5 * jnp.mean(jnp.square(t["rho"])),
+        "response_len": jnp.mean(jnp.sum(m, axis=-1)),
+    }
+
+  def _eval_all(self, params_M, hparams, step, aux):
+    fn = functools.partial(self._eval_member, step=step, aux=aux)
+    out = jax.lax.map(lambda a: fn(*a), (params_M, hparams),
+                      batch_size=min(self.ecfg.member_chunk, hparams["beta"].shape[0]))
+    per = out.pop("per_sample")
+    per["gold/reward"] = per["gold/reward"] - aux["ref_gold_mean"]
+    res = dict(out)
+    for name, x_MxN in per.items():
+      res[name], res[name + "_se"] = _mean_se(x_MxN)
+    res["sqrt_kl"] = jnp.sqrt(jnp.maximum(res["kl"], 0.0))
+    res["beta_eff"] = hparams["beta"] * self.beta_eff_scales[hparams["family_idx"]]
+    return res
+
+  def __call__(self, params_M, hparams: Mapping[str, Array], step: int) -> dict[str, np.ndarray]:
+    """Metrics of every member: a dict of ``[M]`` NumPy arrays (names as in metrics.jsonl).
+
+    Args:
+      params_M: stacked policy parameters (leading member axis).
+      hparams: :meth:`gpo_jax.sweep.Members.hparams`.
+      step: the training step the parameters belong to.
+    """
+    if self.ref_gold_ExN is None:
+      raise RuntimeError("call Evaluator.reference() before evaluating members.")
+    aux = {"ref_params": self.ref_params, "gold_state": self.gold_state,
+           "ref_gold": self.ref_gold_ExN, "ref_gold_mean": jnp.float32(self.ref_gold_mean),
+           "prompts": self.prompts_ExP, "test": self.test}
+    res = self._eval(params_M, hparams, jnp.asarray(step, jnp.int32), aux)
+    out = {k: distributed.to_host(v) for k, v in res.items()}
+    out["n_samples"] = np.full(hparams["beta"].shape, self.prompts_ExP.shape[0]
+                               * self.ecfg.samples_per_prompt, np.int64)
+    return out

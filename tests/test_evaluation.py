@@ -1,0 +1,155 @@
+"""Tests of the vectorised evaluation: exact KL on one-token responses, k1/k3 agreement, step-0 zeros, offline diagnostics, best-of-n."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from gpo_jax import evaluation
+from gpo_jax import model as model_lib
+from gpo_jax import sweep
+
+P, V = 4, 10
+E, N_PER, N_REF, N_TEST = 8, 96, 16, 24
+
+
+def _softmax(x):
+  x = x - x.max(-1, keepdims=True)
+  e = np.exp(x)
+  return e / e.sum(-1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def case():
+  """One-token responses (T = 1): the sequence KL is the KL of one categorical per prompt."""
+  cfg = model_lib.TransformerConfig(vocab_size=V, d_model=16, n_layers=1, n_heads=2, d_ff=32,
+                                    max_len=P + 1)
+  policy = model_lib.Transformer(cfg, rngs=nnx.Rngs(0))
+  graphdef, ref, rest = nnx.split(policy, nnx.Param, ...)
+  # Sharpen π_ref so that perturbations give a KL of order 0.1-1.
+  ref = jax.tree.map(lambda x: x * 10.0 if x.shape == (16, V) else x, ref)
+  gold = model_lib.RewardModel(
+      model_lib.TransformerConfig(vocab_size=V, d_model=16, n_layers=1, n_heads=2, d_ff=32,
+                                  max_len=P + 1), rngs=nnx.Rngs(1))
+  gold_graphdef, gold_state = nnx.split(gold)
+  gold_state = jax.tree.map(lambda x: x * 40.0 if x.shape == (16,) else x, gold_state)
+  rng = np.random.default_rng(0)
+
+  def prompts(n):
+    return np.concatenate([np.ones((n, 1)), rng.integers(5, V, (n, P - 2)), 2 * np.ones((n, 1))],
+                          1).astype(np.int32)
+
+  test_prompt = prompts(N_TEST)
+  chosen, rejected = (rng.integers(3, V, (N_TEST, 1)).astype(np.int32) for _ in range(2))
+  ones = np.ones((N_TEST, 1), np.int32)
+  ref_model = nnx.merge(graphdef, ref, rest)
+
+  def lp(r):
+    return np.asarray(model_lib.response_logprobs(
+        ref_model, np.concatenate([test_prompt, r], 1),
+        np.concatenate([np.zeros_like(test_prompt), ones], 1)))
+
+  test = dict(prompt=test_prompt, chosen=chosen, rejected=rejected, chosen_mask=ones,
+              rejected_mask=ones, ref_chosen_logps=lp(chosen), ref_rejected_logps=lp(rejected),
+              gold_chosen=np.zeros(N_TEST, np.float32), gold_rejected=np.zeros(N_TEST, np.float32))
+  members = sweep.make_members(["logistic", "squared"], [0.5], seeds=(0, 1), n_train=8,
+                               batch_size=1)
+  # Member 0 is π_ref itself (step 0); the others are π_ref with Gaussian perturbations.
+  stacked = sweep.stack(ref, members.size)
+  keys = jax.random.split(jax.random.key(42), members.size)
+  scale = jnp.asarray([0.0, 0.3, 0.6, 1.0])
+
+  def perturb(x, path_i):
+    noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, path_i), x.shape[1:]))(keys)
+    return x + scale.reshape((-1,) + (1,) * (x.ndim - 1)) * noise * jnp.std(x[0])
+
+  leaves, treedef = jax.tree.flatten(stacked)
+  stacked = jax.tree.unflatten(treedef, [perturb(x, i) for i, x in enumerate(leaves)])
+  eval_prompts = prompts(E)
+  ev = evaluation.Evaluator(
+      graphdef=graphdef, rest=rest, ref_params=ref, gold_graphdef=gold_graphdef,
+      gold_state=gold_state, gold_mean=0.3, gold_std=2.0, eval_prompts=eval_prompts,
+      test_pairs=test, families=members.families,
+      ecfg=evaluation.EvalConfig(n_prompts=E, samples_per_prompt=N_PER,
+                                 ref_samples_per_prompt=N_REF, n_test_pairs=0, member_chunk=2,
+                                 bon_n=(1, 2, 4, 16)))
+  bon = ev.reference()
+  res = ev(stacked, members.hparams(), 5)
+  return dict(ev=ev, res=res, bon=bon, stacked=stacked, graphdef=graphdef, rest=rest, ref=ref,
+              members=members, eval_prompts=eval_prompts, test=test, gold=(gold_graphdef,
+                                                                           gold_state))
+
+
+def _logits_last(case, params):
+  m = nnx.merge(case["graphdef"], params, case["rest"])
+  return np.asarray(m(jnp.asarray(case["eval_prompts"]))[:, -1], np.float64)
+
+
+def test_exact_kl_equals_categorical_kl_for_one_token_responses(case):
+  q = _softmax(_logits_last(case, case["ref"]))
+  for m in range(case["members"].size):
+    p = _softmax(_logits_last(case, jax.tree.map(lambda x: x[m], case["stacked"])))
+    want = np.mean(np.sum(p * (np.log(p) - np.log(q)), -1))
+    np.testing.assert_allclose(case["res"]["kl"][m], want, rtol=2e-4, atol=1e-6, err_msg=(
+        f"member {m}: the exact per-token KL estimator differs from the categorical KL "
+        "computed in NumPy (each prompt weighted equally, as the samples are)"))
+  assert case["res"]["kl"][3] > 0.05, "the test needs a visibly perturbed policy"
+
+
+def test_sample_estimators_agree_with_exact_kl_within_standard_errors(case):
+  res = case["res"]
+  for m in range(1, case["members"].size):
+    for est in ("kl_k1", "kl_k3"):
+      z = (res[est][m] - res["kl"][m]) / np.hypot(res[est + "_se"][m], res["kl_se"][m])
+      assert abs(z) < 4, (f"member {m}: {est}={res[est][m]:.4f}±{res[est + '_se'][m]:.4f} "
+                          f"disagrees with exact kl={res['kl'][m]:.4f} (z={z:.1f})")
+  assert np.all(res["n_samples"] == E * N_PER)
+  np.testing.assert_allclose(res["sqrt_kl"], np.sqrt(res["kl"]), rtol=1e-6)
+
+
+def test_step_zero_policy_has_zero_kl_and_zero_gold(case):
+  res = case["res"]
+  # Policy and reference go through the same batched forward: exactly zero.
+  for k in ("kl", "kl_k1", "kl_k3"):
+    assert res[k][0] == 0.0, f"{k}={res[k][0]} for a policy equal to π_ref; it must be exactly 0"
+  # Reference log-probs of the pairs come from the dataset (another code path): ~0.
+  for k in ("rewards/chosen", "rewards/margins", "rho/mean", "offline_reg"):
+    assert abs(res[k][0]) < 1e-5, f"{k}={res[k][0]} for a policy equal to π_ref; it must be 0"
+  assert abs(res["gold/reward"][0]) < 4 * res["gold/reward_se"][0], (
+      f"gold/reward={res['gold/reward'][0]} of π_ref samples is not 0 within 4 standard errors")
+  assert abs(res["gold/win_rate"][0] - 0.5) < 4 * res["gold/win_rate_se"][0] + 1e-3, (
+      f"π_ref's win rate against itself is {res['gold/win_rate'][0]}, not 1/2")
+
+
+def test_offline_diagnostics_match_independent_log_probs(case):
+  res, t = case["res"], case["test"]
+  ctx = np.concatenate([t["prompt"], t["prompt"]])
+  resp = np.concatenate([t["chosen"], t["rejected"]])
+  for m in range(case["members"].size):
+    model = nnx.merge(case["graphdef"], jax.tree.map(lambda x: x[m], case["stacked"]),
+                      case["rest"])
+    lp = np.asarray(model_lib.response_logprobs(
+        model, np.concatenate([ctx, resp], 1),
+        np.concatenate([np.zeros_like(ctx), np.ones_like(resp)], 1)), np.float64)
+    w = lp[:N_TEST] - t["ref_chosen_logps"]
+    l_ = lp[N_TEST:] - t["ref_rejected_logps"]
+    beta = case["members"].beta[m]
+    np.testing.assert_allclose(res["rewards/chosen"][m], beta * w.mean(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(res["rewards/rejected"][m], beta * l_.mean(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(res["rho/mean"][m], (w - l_).mean(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(res["offline_reg"][m], 0.5 * np.mean((w - l_) ** 2), rtol=1e-4,
+                               atol=1e-6)
+    if m > 0:   # at m = 0 every margin is 0 up to rounding, so accuracy is a coin toss
+      np.testing.assert_allclose(res["rewards/accuracies"][m], np.mean(w > l_), atol=1e-6)
+  np.testing.assert_allclose(res["beta_eff"], case["members"].beta_eff(), rtol=1e-6)
+
+
+def test_best_of_n_baseline(case):
+  bon = case["bon"]
+  assert bon["selector"] == "gold" and bon["N"] == N_REF and bon["n"] == [1, 2, 4, 16]
+  assert abs(bon["gold"][0]) < 1e-6, "best-of-1 is the π_ref pool mean, which is subtracted"
+  assert np.all(np.diff(bon["gold"]) > 0), f"best-of-n gold must grow with n: {bon['gold']}"
+  ref_gold = np.asarray(case["ev"].ref_gold_ExN, np.float64)
+  np.testing.assert_allclose(bon["gold"][-1], ref_gold.max(1).mean() - ref_gold.mean(),
+                             rtol=1e-5, err_msg="best-of-N over a pool of N is the pool max")
