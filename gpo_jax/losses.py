@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gpo_jax import compat
+
 Array = jax.Array
 LossFn = Callable[[Array], Array]
 
@@ -151,12 +153,7 @@ def get_f(f: str | LossFn) -> LossFn:
 
 def _concrete(x) -> np.ndarray | None:
   """Returns ``x`` as a NumPy array, or None when it is traced (value unknown)."""
-  # Asking NumPy for the value (rather than isinstance on a tracer class) works across
-  # JAX versions, whose tracer classes have moved between modules.
-  try:
-    return np.asarray(x)
-  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-    return None
+  return compat.concrete_value(x)
 
 
 def check_beta(beta) -> None:

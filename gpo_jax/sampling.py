@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gpo_jax import compat
 from gpo_jax.model import Transformer
 
 Array = jax.Array
@@ -18,7 +19,7 @@ _NEG_INF = -jnp.inf
 
 
 def _is_concrete(x) -> bool:
-  return not isinstance(x, jax.core.Tracer)
+  return x is None or compat.concrete_value(x) is not None
 
 
 def _validate(max_new_tokens, temperature, top_k, top_p, vocab_size):

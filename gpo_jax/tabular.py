@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from gpo_jax import compat
 from gpo_jax import losses
 
 Array = jax.Array
@@ -80,9 +81,7 @@ class TabularRun(NamedTuple):
 
 def _concrete(x) -> np.ndarray | None:
   """``x`` as a NumPy array, or None when it is traced (value unknown)."""
-  if x is None or isinstance(x, jax.core.Tracer):
-    return None
-  return np.asarray(x)
+  return None if x is None else compat.concrete_value(x)
 
 
 def validate(ref_logits_K, mu_KxK=None, P_KxK=None, r_K=None, features_KxD=None) -> int:
