@@ -92,21 +92,24 @@ class Evaluator:
   def __init__(self, *, graphdef, rest, ref_params, gold_graphdef, gold_state,
                gold_mean: float, gold_std: float, eval_prompts: np.ndarray,
                test_pairs: Mapping[str, np.ndarray], families: Sequence[Any],
-               ecfg: EvalConfig, length_normalize: bool = False):
+               ecfg: EvalConfig, length_normalize: bool = False,
+               sharding: jax.sharding.Sharding | None = None):
     if ecfg.n_prompts > len(eval_prompts):
       raise ValueError(f"eval.n_prompts={ecfg.n_prompts} exceeds the lab's "
                        f"{len(eval_prompts)} eval prompts.")
     if ecfg.samples_per_prompt < 2 and ecfg.n_prompts < 2:
       raise ValueError("evaluation needs at least 2 samples for standard errors.")
     self.ecfg = ecfg
+    self.sharding = sharding
     self.graphdef, self.rest = graphdef, rest
-    self.ref_params = ref_params
-    self.gold_graphdef, self.gold_state = gold_graphdef, gold_state
+    self.ref_params = self._place(ref_params)
+    self.gold_graphdef, self.gold_state = gold_graphdef, self._place(gold_state)
     self.gold_mean, self.gold_std = float(gold_mean), float(gold_std)
-    self.prompts_ExP = jnp.asarray(eval_prompts[:ecfg.n_prompts])
+    self.prompts_ExP = self._place(jnp.asarray(eval_prompts[:ecfg.n_prompts]))
     n_test = len(test_pairs["chosen"])
     k = n_test if ecfg.n_test_pairs <= 0 else min(ecfg.n_test_pairs, n_test)
-    self.test = {key: jnp.asarray(v[:k]) for key, v in sweep_lib.train_arrays(test_pairs).items()}
+    self.test = self._place({key: jnp.asarray(v[:k])
+                             for key, v in sweep_lib.train_arrays(test_pairs).items()})
     self.resp_len = int(test_pairs["chosen"].shape[1])
     self.families = tuple(families)
     self.beta_eff_scales = jnp.asarray(losses.beta_eff_scales(self.families))
@@ -116,16 +119,31 @@ class Evaluator:
     self._eval = jax.jit(self._eval_all)
     self._pool = jax.jit(self._pool_fn)
 
+  def _place(self, tree):
+    """Copies host-identical constants onto ``self.sharding`` (no-op without one).
+
+    Under a mesh spanning several devices or processes, jit rejects arguments committed to a
+    single device, so every constant becomes a global array with the members' mesh.
+    """
+    if self.sharding is None:
+      return tree
+    def one(x):
+      host = np.asarray(x)
+      return jax.make_array_from_callback(host.shape, self.sharding, lambda idx: host[idx])
+    return jax.tree.map(one, tree)
+
   @classmethod
   def from_lab(cls, lab, graphdef, rest, families, ecfg: EvalConfig,
-               length_normalize: bool = False) -> "Evaluator":
+               length_normalize: bool = False,
+               sharding: jax.sharding.Sharding | None = None) -> "Evaluator":
     gold_graphdef, gold_state = nnx.split(lab.gold())
     ref_params = nnx.state(lab.policy(), nnx.Param)
     return cls(graphdef=graphdef, rest=rest, ref_params=ref_params,
                gold_graphdef=gold_graphdef, gold_state=gold_state,
                gold_mean=lab.gold_mean, gold_std=lab.gold_std,
                eval_prompts=np.asarray(lab.eval_prompts), test_pairs=lab.pairs("test"),
-               families=families, ecfg=ecfg, length_normalize=length_normalize)
+               families=families, ecfg=ecfg, length_normalize=length_normalize,
+               sharding=sharding)
 
   # ------------------------------------------------------------------ shared pieces
 
@@ -167,7 +185,7 @@ class Evaluator:
     gold_ExN = distributed.to_host(
         self._pool(self.ref_params, self.gold_state, self.prompts_ExP, key)).astype(np.float64)
     self.ref_gold_mean = float(gold_ExN.mean())
-    self.ref_gold_ExN = jnp.asarray(gold_ExN, jnp.float32)
+    self.ref_gold_ExN = self._place(jnp.asarray(gold_ExN, jnp.float32))
     ns = sorted({int(v) for v in self.ecfg.bon_n if 1 <= v <= n} | {1})
     curve = bon_lib.best_of_n(gold_ExN - self.ref_gold_mean, ns=ns, selector="gold")
     out = curve.to_json_dict()
@@ -251,7 +269,8 @@ class Evaluator:
     aux = {"ref_params": self.ref_params, "gold_state": self.gold_state,
            "ref_gold": self.ref_gold_ExN, "ref_gold_mean": jnp.float32(self.ref_gold_mean),
            "prompts": self.prompts_ExP, "test": self.test}
-    res = self._eval(params_M, hparams, jnp.asarray(step, jnp.int32), aux)
+    # A NumPy scalar, not a device-0 array: jit accepts it alongside multi-process arrays.
+    res = self._eval(params_M, hparams, np.int32(step), aux)
     out = {k: distributed.to_host(v) for k, v in res.items()}
     out["n_samples"] = np.full(hparams["beta"].shape, self.prompts_ExP.shape[0]
                                * self.ecfg.samples_per_prompt, np.int64)

@@ -271,13 +271,19 @@ def _restore_state(path: str, cls, cfg):
   import orbax.checkpoint as ocp
   abstract = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0)))
   _, abstract_state = nnx.split(abstract)
-  target = nnx.to_pure_dict(abstract_state)
-  ckpt = ocp.StandardCheckpointer()
+  # NumPy targets: every process reads the whole (small) weights; restoring onto the saved
+  # single-device sharding fails with a topology mismatch in a multi-process run.
+  target = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), nnx.to_pure_dict(abstract_state))
+  # Each process restores on its own: build_or_load holds a file lock here, so a cross-process
+  # barrier inside orbax would deadlock the processes waiting for that lock.
+  me = jax.process_index()
+  ckpt = ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+      primary_host=me, active_processes={me}))
   try:
     restored = ckpt.restore(os.path.abspath(path), target)
   finally:
     ckpt.close()
-  nnx.replace_by_pure_dict(abstract_state, restored)
+  nnx.replace_by_pure_dict(abstract_state, jax.tree.map(jnp.asarray, restored))
   return abstract_state
 
 

@@ -170,7 +170,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None 
       diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
       raise ValueError(f"{workdir} holds a run with a different config (sections {diff}); "
                        "use a new --workdir, or the same config to resume.")
-  else:
+  # Every process compares before process 0 writes, so none reads a half-written file.
+  distributed.barrier("config-checked")
+  if primary and not os.path.exists(cfg_path):
     config_utils.write_config_json(config, workdir, CONFIG)
 
   lab_root = config.lab_root or os.path.join(os.path.dirname(workdir), "labs")
@@ -184,10 +186,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None 
   preset = config.mesh.preset
 
   graphdef, params, rest = nnx.split(lab.policy(), nnx.Param, ...)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  # The lab's weights sit on one local device; the jitted init needs them on the whole mesh.
+  params = _put(params, replicated)
   init_fn = lambda p: sweep_lib.init_state(p, members, tcfg)  # noqa: E731
   abstract = jax.eval_shape(init_fn, params)
   state_sh = state_shardings(abstract, mesh, preset)
-  replicated = NamedSharding(mesh, PartitionSpec())
   member_sh = NamedSharding(mesh, PartitionSpec(sharding.SWEEP))
 
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
@@ -212,7 +216,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None 
       out_shardings=(state_sh, member_sh), donate_argnums=0)
 
   evaluator = evaluation.Evaluator.from_lab(lab, graphdef, rest, members.families,
-                                            eval_config(config), tcfg.length_normalize)
+                                            eval_config(config), tcfg.length_normalize,
+                                            sharding=replicated)
   bon = evaluator.reference()
   if primary:
     with open(os.path.join(workdir, BON), "w") as f:
