@@ -55,11 +55,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict(dict(
       steps=300, batch_size=32, b1=0.9, b2=0.99, eps=1e-8, grad_clip=1.0,
-      warmup_steps=10, weight_decay=0.0, length_normalize=False))
+      warmup_steps=10, weight_decay=0.0, length_normalize=False,
+      # Members per loop iteration on each device (0 = vmap all members at once). On a CPU
+      # a loop over members beats one wide vmap (experiments/BENCH_SWEEP.md).
+      member_chunk=1,
+      log_every=10))                  # train metrics -> TensorBoard every this many steps
   c.eval = ml_collections.ConfigDict(dict(
       every=50, n_prompts=32, samples_per_prompt=4, ref_samples_per_prompt=64,
       n_test_pairs=256, member_chunk=12, bon_n=(1, 2, 4, 8, 16, 32, 64), seed=0))
-  c.mesh = ml_collections.ConfigDict(dict(preset="dp", sweep=1, data=1, model=1))
+  # One CPU device per core (cpu_devices=-1, lowered to divide the members) and the sweep
+  # axis over all devices (sweep=-1). cpu_devices only matters where JAX runs on the CPU.
+  c.mesh = ml_collections.ConfigDict(dict(preset="dp", sweep=-1, data=1, model=1,
+                                          cpu_devices=-1))
   c.checkpoint = ml_collections.ConfigDict(dict(every=100, keep=2))
   c.distributed = ml_collections.ConfigDict(dict(
       enabled=False, coordinator_address="", num_processes=1, process_id=0))

@@ -32,12 +32,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.unlock()
   c.sweep.seeds = tuple(range(8))
   c.sweep.data_sizes = (8192, 0)      # a data-size axis: 8k pairs vs all 64k
-  c.train.update(dict(steps=5000, batch_size=256, warmup_steps=100))
+  # member_chunk=0: one wide vmap over each device's members (accelerators want big matmuls).
+  c.train.update(dict(steps=5000, batch_size=256, warmup_steps=100, member_chunk=0))
   c.sweep.lrs = (3e-4,)
   c.eval.update(dict(every=250, n_prompts=256, samples_per_prompt=8,
                      ref_samples_per_prompt=256, n_test_pairs=2048, member_chunk=16,
                      bon_n=(1, 2, 4, 8, 16, 32, 64, 128, 256)))
-  c.mesh.update(dict(preset="fsdp", sweep=sweep_n, data=data_n, model=model_n))
+  c.mesh.update(dict(preset="fsdp", sweep=sweep_n, data=data_n, model=model_n, cpu_devices=0))
   c.checkpoint.update(dict(every=500, keep=3))
   c.lock()
   return c

@@ -28,6 +28,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.update(dict(every=3, n_prompts=8, samples_per_prompt=4, ref_samples_per_prompt=8,
                      n_test_pairs=32, member_chunk=4, bon_n=(1, 2, 4, 8)))
   c.checkpoint.every = 2
+  c.train.log_every = 2
+  # Tests run in processes whose JAX backend is already up: leave the device count alone.
+  c.mesh.cpu_devices = 0
   c.analyze = False
   c.lock()
   return c

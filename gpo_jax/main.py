@@ -25,6 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from gpo_jax import checkpoint as ckpt_lib
 from gpo_jax import config_utils
+from gpo_jax import cpu as cpu_lib
 from gpo_jax import distributed
 from gpo_jax import evaluation
 from gpo_jax import lab as lab_lib
@@ -76,6 +77,24 @@ def members_from_config(config, n_train: int) -> sweep_lib.Members:
       batch_size=config.train.batch_size)
 
 
+def member_count(config) -> int:
+  """Number of sweep members, computed from the config alone (touches no JAX device)."""
+  s = config.sweep
+  betas = _betas(config)
+  n_beta = (sum(len(v) for v in betas.values()) if isinstance(betas, dict)
+            else len(betas) * len(s.families))
+  return n_beta * len(s.seeds) * len(s.lrs) * len(s.gammas) * len(s.data_sizes)
+
+
+def member_chunk(config) -> int | None:
+  """``train.member_chunk``: 0 = vmap all members at once (None), else members per loop step."""
+  chunk = config.train.member_chunk
+  if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
+    raise ValueError(f"train.member_chunk={chunk!r} must be 0 (vmap all members) or a "
+                     "positive number of members per loop iteration.")
+  return chunk or None
+
+
 def mesh_dict(config) -> dict[str, int]:
   return {k: int(config.mesh[k]) for k in sharding.MESH_AXES}
 
@@ -98,6 +117,8 @@ def validate_config(config, num_devices: int | None = None) -> sweep_lib.Members
   positive_int("eval.ref_samples_per_prompt", config.eval.ref_samples_per_prompt)
   positive_int("checkpoint.every", config.checkpoint.every)
   positive_int("checkpoint.keep", config.checkpoint.keep)
+  positive_int("train.log_every", config.train.log_every)
+  member_chunk(config)
   if config.eval.n_prompts > config.lab.n_eval_prompts:
     raise ValueError(f"eval.n_prompts={config.eval.n_prompts} exceeds the lab's "
                      f"n_eval_prompts={config.lab.n_eval_prompts}.")
@@ -155,7 +176,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None 
     The absolute workdir.
   """
   t_start = time.time()
-  # Multi-host initialisation must precede every device query (validation counts devices).
+  # The CPU device count and multi-host initialisation must precede every device query
+  # (validation counts devices).
+  cpu_lib.configure_devices(config.mesh.cpu_devices, member_count(config), log=log)
   _maybe_initialize_distributed(config)
   validate_config(config)
   workdir = os.path.abspath(workdir)
@@ -211,9 +234,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None 
   hp = _put(members.hparams(), member_sh)
   data = _put(sweep_lib.train_arrays(train_pairs), replicated)
   step_fn = jax.jit(
-      sweep_lib.make_train_step(graphdef, rest, members.families, tcfg, n_train),
+      sweep_lib.make_train_step(graphdef, rest, members.families, tcfg, n_train,
+                                member_groups=int(mesh.shape[sharding.SWEEP]),
+                                member_chunk=member_chunk(config)),
       in_shardings=(state_sh, member_sh, replicated),
-      out_shardings=(state_sh, member_sh), donate_argnums=0)
+      out_shardings=(state_sh, member_sh), donate_argnums=0,
+      compiler_options=cpu_lib.compiler_options(mesh.devices.flat[0].platform))
 
   evaluator = evaluation.Evaluator.from_lab(lab, graphdef, rest, members.families,
                                             eval_config(config), tcfg.length_normalize,
@@ -226,6 +252,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None 
   # Rows from the resumed step on are recomputed (identically), so drop them first.
   writer = writers_lib.MetricsWriter(workdir, resume_step=start - 1 if start else None)
   steps, every = config.train.steps, config.eval.every
+  # Per-step train metrics stay on device and go to TensorBoard in blocks, so logging them
+  # never stalls the asynchronous dispatch of the next steps.
+  pending: list[tuple[int, dict]] = []
+
+  def flush_train():
+    for s, m in pending:
+      writer.write_train(s, {k: distributed.to_host(v) for k, v in m.items()})
+    pending.clear()
   bar = None
   if progress and primary:
     from tqdm import tqdm
@@ -250,7 +284,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None 
         return workdir
       state, metrics = step_fn(state, hp, data)
       last_train = metrics
+      pending.append((step + 1, metrics))
+      if (step + 1) % config.train.log_every == 0 or (step + 1) % every == 0:
+        flush_train()
       if ckpt.should_save(step + 1) or step + 1 == steps:
+        flush_train()
         last_train = {k: distributed.to_host(v).tolist() for k, v in metrics.items()}
         ckpt.save(step + 1, state, force=step + 1 == steps,
                   metadata={"data_position": step + 1, "last_train": last_train})
@@ -259,6 +297,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None 
   finally:
     if bar is not None:
       bar.close()
+    flush_train()
     writer.close()
     ckpt.close()
 
@@ -315,8 +354,12 @@ def _write_manifest(workdir, lab, mesh, members, start, steps, wall, best) -> No
       "best_final": best,
       "command": " ".join(sys.argv),
   }
-  with open(path, "w") as f:
+  # Written aside, then renamed: a run killed mid-write must not leave a torn manifest,
+  # which every later rerun of the workdir would fail to parse above.
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
     json.dump(manifest, f, indent=1)
+  os.replace(tmp, path)
 
 
 def _maybe_initialize_distributed(config) -> None:

@@ -79,6 +79,31 @@ def divisors(n: int) -> list[int]:
   return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def resolve_mesh(mesh_cfg: Mapping[str, int], num_devices: int) -> dict[str, int]:
+  """Replaces one axis size ``-1`` by the devices the other axes leave (``num_devices`` /
+  their product), e.g. ``{"sweep": -1}`` spans all devices; other sizes pass through.
+
+  Raises:
+    ValueError: for more than one ``-1``, or when the other axes do not divide the devices.
+  """
+  sizes = {name: mesh_cfg.get(name, 1) for name in MESH_AXES}
+  sizes.update({k: v for k, v in mesh_cfg.items() if k not in sizes})
+  fill = [k for k, v in sizes.items() if v == -1 and not isinstance(v, bool)]
+  if not fill:
+    return sizes
+  if len(fill) > 1:
+    raise ValueError(f"Mesh {dict(mesh_cfg)} has several axes of size -1 ({fill}); at most "
+                     "one axis may fill the remaining devices.")
+  rest = math.prod(int(v) for k, v in sizes.items() if k != fill[0] and k in MESH_AXES)
+  if rest < 1 or num_devices % rest:
+    raise ValueError(
+        f"Mesh {dict(mesh_cfg)}: the fixed axes use {rest} devices, which does not divide the "
+        f"{num_devices} available (divisors: {divisors(num_devices)}), so '{fill[0]}'=-1 "
+        "cannot fill the rest.")
+  sizes[fill[0]] = num_devices // rest
+  return sizes
+
+
 def mesh_shape(mesh_cfg: Mapping[str, int]) -> tuple[int, int, int]:
   """Returns the ``(sweep, data, model)`` sizes of a mesh config; missing axes default to 1."""
   unknown = sorted(set(mesh_cfg) - set(MESH_AXES))
@@ -106,6 +131,7 @@ def validate_mesh(mesh_cfg: Mapping[str, int], num_devices: int, *,
   Raises:
     ValueError: naming the bad value and the valid choices.
   """
+  mesh_cfg = resolve_mesh(mesh_cfg, num_devices)
   sweep, data, model = shape = mesh_shape(mesh_cfg)
   if math.prod(shape) != num_devices:
     raise ValueError(
@@ -132,14 +158,15 @@ def make_mesh(mesh_cfg: Mapping[str, int], *, devices: Sequence[jax.Device] | No
   ``nnx.Embed`` lookups working inside jitted code.
 
   Args:
-    mesh_cfg: axis sizes, e.g. ``{"sweep": 2, "data": 4, "model": 1}``.
+    mesh_cfg: axis sizes, e.g. ``{"sweep": 2, "data": 4, "model": 1}``; one axis may be
+      ``-1`` to span the devices the others leave (:func:`resolve_mesh`).
     devices: devices to use (default: all of ``jax.devices()``).
     num_members: optional member count to validate against the ``sweep`` axis.
     batch_size: optional batch size to validate against the ``data`` axis.
   """
   devices = list(jax.devices() if devices is None else devices)
   validate_mesh(mesh_cfg, len(devices), num_members=num_members, batch_size=batch_size)
-  shape = mesh_shape(mesh_cfg)
+  shape = mesh_shape(resolve_mesh(mesh_cfg, len(devices)))
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
                        devices=devices)
 

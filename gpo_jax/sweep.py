@@ -242,20 +242,80 @@ def init_state(params, members: Members, tcfg: TrainConfig) -> dict[str, Any]:
   }
 
 
-def batch_indices(seed: Array, data_size: Array, step: Array, batch_size: int,
-                  n_max: int) -> Array:
+def _mix(x: Array, mask: Array, p: Array) -> Array:
+  """One pass of a keyed bijection of the integers ``[0, mask]`` (``mask = 2**b - 1``).
+
+  Every operation is invertible on the low ``b`` bits: xor with a key, multiplication by
+  an odd constant (the low bits of a product depend only on the low bits of its factors),
+  and ``x ^= (x & mask) >> s``; so ``mix(x) & mask`` permutes ``[0, mask]``. The constants
+  are from Kensler (2013).
+  """
+  u = lambda c: jnp.uint32(c)  # noqa: E731
+  x = x ^ p
+  x = x * u(0xE170893D)
+  x = x ^ (p >> 16)
+  x = x ^ ((x & mask) >> 4)
+  x = x ^ (p >> 8)
+  x = x * u(0x0929EB3F)
+  x = x ^ (p >> 23)
+  x = x ^ ((x & mask) >> 1)
+  x = x * (u(1) | (p >> 27))
+  x = x * u(0x6935FA69)
+  x = x ^ ((x & mask) >> 11)
+  x = x * u(0x74DCB303)
+  x = x ^ ((x & mask) >> 2)
+  x = x * u(0x9E501CC3)
+  x = x ^ ((x & mask) >> 2)
+  x = x * u(0xC860A3DF)
+  x = x & mask
+  return x ^ (x >> 5)
+
+
+def permute_index(i: Array, n: Array, p: Array) -> Array:
+  """Element ``i`` of a keyed pseudo-random permutation of ``range(n)``, without a sort.
+
+  A keyed bijection of ``[0, 2**b)`` (``2**b`` the next power of two >= ``n``) is applied
+  until the value falls below ``n`` ("cycle walking"), which restricts it to a bijection of
+  ``[0, n)``; a keyed rotation follows. Fewer than two passes are needed on average
+  because ``2**b < 2 n``. Costs O(len(i)) where a shuffle by ``argsort`` costs a sort of
+  ``n`` keys; data loaders index-shuffle the same way (e.g. grain's Feistel shuffle).
+
+  Args:
+    i: uint32/int indices in ``[0, n)`` (any shape).
+    n: permutation length >= 1 (may be traced).
+    p: uint32 scalar key.
+
+  Returns:
+    int32 array like ``i``; ``i -> result`` is a bijection of ``range(n)`` for each key.
+
+  References:
+    Kensler, "Correlated Multi-Jittered Sampling", Pixar Technical Memo 13-01 (2013), §3.
+  """
+  n = jnp.asarray(n).astype(jnp.uint32)
+  p = jnp.asarray(p).astype(jnp.uint32)
+  mask = n - jnp.uint32(1)
+  for s in (1, 2, 4, 8, 16):
+    mask = mask | (mask >> s)
+  x = jax.lax.while_loop(
+      lambda x: jnp.any(x >= n),
+      lambda x: jnp.where(x >= n, _mix(x, mask, p), x),
+      _mix(jnp.asarray(i).astype(jnp.uint32), mask, p))
+  return ((x + p % n) % n).astype(jnp.int32)
+
+
+def batch_indices(seed: Array, data_size: Array, step: Array, batch_size: int) -> Array:
   """Indices of one member's batch: a per-epoch permutation of ``arange(data_size)``.
 
   Pair position ``k = step * batch_size + i`` is element ``k mod data_size`` of the
-  permutation of epoch ``k // data_size``, drawn from ``fold_in(key(seed), epoch)``. A
-  batch spans at most two epochs because ``batch_size <= data_size``.
+  permutation of epoch ``k // data_size``, keyed by ``fold_in(key(seed), epoch)``
+  (:func:`permute_index`, no sort). A batch spans at most two epochs because
+  ``batch_size <= data_size``.
 
   Args:
     seed: int scalar (may be traced).
-    data_size: int scalar in ``[batch_size, n_max]`` (may be traced).
+    data_size: int scalar >= ``batch_size`` (may be traced).
     step: int scalar (may be traced).
     batch_size: static.
-    n_max: static number of stored training pairs.
 
   Returns:
     ``idx_B`` int32 in ``[0, data_size)``.
@@ -264,15 +324,9 @@ def batch_indices(seed: Array, data_size: Array, step: Array, batch_size: int,
   pos = step * batch_size + jnp.arange(batch_size)
   epoch, within = pos // data_size, pos % data_size
   first = (step * batch_size) // data_size
-
-  def perm(e):
-    # Pairs beyond data_size get keys > 1 so they sort last: the first data_size
-    # entries of the argsort are a uniform permutation of arange(data_size).
-    u = jax.random.uniform(jax.random.fold_in(key, e), (n_max,))
-    u = jnp.where(jnp.arange(n_max) < data_size, u, 2.0)
-    return jnp.argsort(u).astype(jnp.int32)
-
-  return jnp.where(epoch == first, perm(first)[within], perm(first + 1)[within])
+  p_first, p_next = (jax.random.bits(jax.random.fold_in(key, e), (), jnp.uint32)
+                     for e in (first, first + 1))
+  return permute_index(within, data_size, jnp.where(epoch == first, p_first, p_next))
 
 
 def pair_logps(model, prompt_BxP, resp_BxT, mask_BxT, length_normalize: bool) -> Array:
@@ -305,7 +359,8 @@ def soft_targets(batch: Mapping[str, Array], gamma: Array) -> Array:
 
 
 def make_train_step(graphdef, rest, families: Sequence[Family], tcfg: TrainConfig,
-                    n_train: int, *, on_trace: Callable[[], None] | None = None):
+                    n_train: int, *, member_groups: int = 1, member_chunk: int | None = None,
+                    on_trace: Callable[[], None] | None = None):
   """Builds the (unjitted) sweep train step.
 
   Args:
@@ -314,6 +369,10 @@ def make_train_step(graphdef, rest, families: Sequence[Family], tcfg: TrainConfi
     families: the family table that ``hparams["family_idx"]`` indexes.
     tcfg: optimizer and batch settings.
     n_train: number of stored training pairs (the leading size of ``data``).
+    member_groups, member_chunk: how members are laid out in the program
+      (:func:`map_members`): ``member_chunk=None`` vmaps all members at once; otherwise
+      the members form ``member_groups`` vmapped groups (one per shard of the sweep mesh
+      axis) and each group runs its members ``member_chunk`` at a time in a loop.
     on_trace: called whenever the step is traced (tests count recompilations).
 
   Returns:
@@ -334,7 +393,7 @@ def make_train_step(graphdef, rest, families: Sequence[Family], tcfg: TrainConfi
     return jnp.mean(loss_B), t
 
   def member_step(params, opt, diverged, hp, data, step):
-    idx = batch_indices(hp["seed"], hp["data_size"], step, bsz, n_train)
+    idx = batch_indices(hp["seed"], hp["data_size"], step, bsz)
     batch = jax.tree.map(lambda a: a[idx], data)
     (loss, t), grads = jax.value_and_grad(member_loss, has_aux=True)(
         params, batch, hp["family_idx"], hp["beta"], hp["gamma"])
@@ -367,13 +426,50 @@ def make_train_step(graphdef, rest, families: Sequence[Family], tcfg: TrainConfi
     if on_trace is not None:
       on_trace()
     step = state["step"]
-    params, opt, diverged, metrics = jax.vmap(
-        member_step, in_axes=(0, 0, 0, 0, None, None))(
-            state["params"], state["opt"], state["diverged"], hparams, data, step)
+    params, opt, diverged, metrics = map_members(
+        lambda p, o, d, h: member_step(p, o, d, h, data, step),
+        (state["params"], state["opt"], state["diverged"], hparams),
+        groups=member_groups, chunk=member_chunk)
     new_state = {"params": params, "opt": opt, "diverged": diverged, "step": step + 1}
     return new_state, metrics
 
   return step_fn
+
+
+def map_members(fn: Callable[..., Any], args: tuple, *, groups: int = 1,
+                chunk: int | None = None):
+  """Applies ``fn`` to every member's slice of ``args`` (pytrees with a leading ``M`` axis).
+
+  ``chunk=None`` is ``jax.vmap(fn)(*args)``: one batched program for all members, best
+  where the hardware wants large batched matmuls (GPU/TPU). Otherwise the members are
+  regrouped as ``[groups, M / groups]``: the groups are vmapped, and within a group
+  ``jax.lax.map`` runs ``chunk`` members at a time. With ``groups`` equal to the sweep
+  mesh axis size each device loops over its own members, which keeps every member's
+  working set small; on CPUs that is faster than one wide vmap (experiments/BENCH_SWEEP.md).
+  The results are the same per member up to float reassociation.
+
+  Args:
+    fn: ``fn(*member_args) -> pytree`` for one member.
+    args: tuple of pytrees whose leaves all have leading size ``M``.
+    groups: number of vmapped groups; must divide ``M``.
+    chunk: members per loop iteration (vmapped within the iteration), or None.
+
+  Returns:
+    ``fn``'s outputs stacked along a leading ``M`` axis.
+  """
+  if chunk is None:
+    return jax.vmap(fn)(*args)
+  m = jax.tree.leaves(args)[0].shape[0]
+  if groups < 1 or m % groups:
+    raise ValueError(f"member_groups={groups} must be >= 1 and divide the {m} members.")
+  if chunk < 1:
+    raise ValueError(f"member_chunk={chunk} must be >= 1 (or None to vmap all members).")
+  regroup = lambda x: x.reshape((groups, m // groups) + x.shape[1:])  # noqa: E731
+  grouped = jax.tree.map(regroup, args)
+  per_group = lambda a: jax.lax.map(lambda t: fn(*t), a,  # noqa: E731
+                                    batch_size=None if chunk == 1 else chunk)
+  out = jax.vmap(per_group)(grouped)
+  return jax.tree.map(lambda x: x.reshape((m,) + x.shape[2:]), out)
 
 
 def train_arrays(pairs: Mapping[str, np.ndarray]) -> dict[str, Array]:

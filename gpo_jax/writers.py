@@ -2,7 +2,9 @@
 
 `MetricsWriter` appends rows to ``<workdir>/metrics.jsonl`` (flushed after every write, so a
 crash loses nothing already written) and mirrors every numeric field to a tensorboardX event
-file under ``<workdir>/tb/`` as tag ``member_003/gold/reward`` (one tag family per member).
+file under ``<workdir>/tb/`` as tag ``member_003/gold/reward`` (one tag family per member);
+:meth:`MetricsWriter.write_train` adds every train step's metrics to TensorBoard only, as
+``member_003/train/loss``.
 On resume from a checkpoint at step ``s`` it drops rows with ``step > s`` (they will be
 recomputed) by atomically rewriting the file, and TensorBoard is told to purge events after
 ``s``. Only process 0 writes. JSON follows Python's convention for non-finite floats
@@ -151,6 +153,25 @@ class MetricsWriter:
         if isinstance(value, numbers.Real) and not math.isnan(value):
           self._tb.add_scalar(prefix + name, float(value), global_step=row["step"])
     self._tb.flush()
+
+  def write_train(self, step: int, metrics: Mapping[str, Any]) -> None:
+    """Sends one train step's per-member metrics to TensorBoard only.
+
+    Args:
+      step: the step count after the update (the step the next evaluation would carry).
+      metrics: name -> ``[M]`` array (one value per member); tags are
+        ``member_{m:03d}/train/{name}``. Non-finite values are skipped (TensorBoard cannot
+        plot them; the member's ``diverged`` flag says what happened).
+    """
+    if not isinstance(step, numbers.Integral):
+      raise ValueError(f"write_train needs an integer step, got {step!r}.")
+    if not self.active or self._tb is None:
+      return
+    for name, values in metrics.items():
+      arr = np.asarray(values, dtype=np.float64).reshape(-1)
+      for m, value in enumerate(arr):
+        if math.isfinite(value):
+          self._tb.add_scalar(f"member_{m:03d}/train/{name}", float(value), global_step=int(step))
 
   def close(self) -> None:
     """Flushes and closes both outputs (safe to call twice)."""

@@ -55,10 +55,25 @@ def main_():
     state, loss = train(members, params, step_fn, jax.jit(init, out_shardings=sh)(params))
     leaves = jax.tree.leaves(state["params"])
     diff = max(float(np.max(np.abs(a - np.asarray(b)))) for a, b in zip(dense_leaves, leaves))
+    # The CPU layout: each shard of the sweep axis loops over its own members.
+    looped_fn = sweep.make_train_step(graphdef, rest, ts.TABLE, ts.TCFG, ts.N,
+                                      member_groups=mesh.shape[sharding.SWEEP], member_chunk=1)
+    looped_jit = jax.jit(looped_fn, in_shardings=(sh, member_sh, rep),
+                         out_shardings=(sh, member_sh), donate_argnums=0)
+    init_state = jax.jit(init, out_shardings=sh)(params)
+    hlo = looped_jit.lower(init_state, members.hparams(),
+                           sweep.train_arrays(ts.SETUP[3])).compile().as_text()
+    lstate, lloss = train(members, params, looped_jit, init_state)
+    ldiff = max(float(np.max(np.abs(a - np.asarray(b))))
+                for a, b in zip(dense_leaves, jax.tree.leaves(lstate["params"])))
     kernel = state["params"]["decoder"]["blocks"][0]["w_up"][...]
     out["cases"].append({
         "mesh": mesh_cfg, "preset": preset, "max_abs_diff": diff,
         "loss_diff": float(np.max(np.abs(loss - dense_loss))),
+        "looped_max_abs_diff": ldiff,
+        "looped_loss_diff": float(np.max(np.abs(lloss - dense_loss))),
+        "looped_collectives": sorted({op for op in ("all-gather", "all-to-all",
+                                                    "collective-permute") if op in hlo}),
         "w_up_spec": [None if a is None else str(a) for a in kernel.sharding.spec],
         "w_up_shards": len({d.id for d in kernel.sharding.device_set}),
         "unique_w_up_shards": len({str(s.index) for s in kernel.addressable_shards}),

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -42,7 +43,10 @@ def _rows(workdir):
 @pytest.mark.parametrize("field, value, pattern", [
     ("sweep.families", ("logistic", "hingee"), "hingee"),
     ("sweep.betas.squared", (0.1, -2.0), "-2.0"),
-    ("mesh.data", 3, "has 3 devices"),
+    ("mesh.data", 3, "use 3 devices, which does not divide the 1 available"),
+    ("mesh.sweep", 3, "has 3 devices"),
+    ("train.member_chunk", -1, "train.member_chunk=-1"),
+    ("mesh.cpu_devices", -2, "mesh.cpu_devices=-2"),
     ("train.steps", -1, "train.steps=-1"),
     ("eval.n_prompts", 10_000, "10000"),
     ("mesh.preset", "fsdpp", "fsdpp"),
@@ -98,6 +102,11 @@ def test_end_to_end_tiny_sweep_writes_all_outputs(full_run, tiny_config):
   for name in ("config.json", "metrics.jsonl", "manifest.json", "bon.json"):
     assert os.path.isfile(os.path.join(full_run, name)), f"{name} missing from the run dir"
   assert any(f.startswith("events") for f in os.listdir(os.path.join(full_run, "tb")))
+  from test_writers import _scalars, read_events
+  scalars = _scalars(read_events(pathlib.Path(full_run) / "tb"))
+  for m in range(4):
+    assert [s for s, _ in scalars[f"member_{m:03d}/train/loss"]] == list(
+        range(1, tiny_config.train.steps + 1)), "every train step's loss must reach TensorBoard"
   steps, every = tiny_config.train.steps, tiny_config.eval.every
   assert ckpt_lib.Checkpointer(os.path.join(full_run, "checkpoints")).latest_step() == steps
   rows = _rows(full_run)

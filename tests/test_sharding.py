@@ -145,3 +145,27 @@ def test_sharded_training_equals_dense_on_8_devices():
   assert not rep["sharded"]["raised"] and rep["sharded"]["fraction"] < 0.1
   assert rep["replicated"]["raised"], "a fully replicated state must fail the fsdp check"
   assert "100.0%" in rep["replicated"]["message"]
+
+
+@pytest.mark.parametrize("cfg, n, want", [
+    ({"sweep": -1}, 8, {"sweep": 8, "data": 1, "model": 1}),
+    ({"sweep": -1, "data": 2}, 8, {"sweep": 4, "data": 2, "model": 1}),
+    ({"sweep": 2, "data": -1, "model": 2}, 8, {"sweep": 2, "data": 2, "model": 2}),
+    ({"sweep": 2, "data": 4}, 8, {"sweep": 2, "data": 4, "model": 1}),
+])
+def test_resolve_mesh_fills_one_axis_with_the_remaining_devices(cfg, n, want):
+  assert sh.resolve_mesh(cfg, n) == want
+
+
+@pytest.mark.parametrize("cfg, n, pattern", [
+    ({"sweep": -1, "data": -1}, 8, "several axes of size -1"),
+    ({"sweep": -1, "data": 3}, 8, "use 3 devices, which does not divide the 8"),
+])
+def test_resolve_mesh_names_impossible_fills(cfg, n, pattern):
+  with pytest.raises(ValueError, match=pattern):
+    sh.resolve_mesh(cfg, n)
+
+
+def test_make_mesh_with_a_fill_axis_spans_all_devices():
+  mesh = sh.make_mesh({"sweep": -1}, num_members=jax.device_count())
+  assert dict(mesh.shape) == {"sweep": jax.device_count(), "data": 1, "model": 1}

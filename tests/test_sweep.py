@@ -98,6 +98,33 @@ def test_member_equals_same_configuration_trained_alone():
     np.testing.assert_allclose(hist[-1]["loss"][j], hist1[-1]["loss"][0], rtol=1e-4)
 
 
+@pytest.mark.parametrize("groups, chunk", [(1, 1), (2, 1), (1, 3), (2, 2)])
+def test_looped_member_layouts_equal_the_vmapped_step(groups, chunk):
+  # Four members: (1, 3) leaves a remainder chunk, (2, 2) vmaps inside each loop step.
+  members = _members(*ROWS, ("hinge", 1.0, 2, 1e-2, 0.0, 40))
+  want, want_hist = _run(members, steps=3)
+  looped = jax.jit(sweep.make_train_step(SETUP[0], SETUP[2], TABLE, TCFG, N,
+                                         member_groups=groups, member_chunk=chunk),
+                   donate_argnums=0)
+  state = sweep.init_state(SETUP[1], members, TCFG)
+  data, hp = sweep.train_arrays(SETUP[3]), members.hparams()
+  for _ in range(3):
+    state, m = looped(state, hp, data)
+  for a, b in zip(jax.tree.leaves(want["params"]), jax.tree.leaves(state["params"])):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=ATOL, err_msg=(
+        f"member layout groups={groups}, chunk={chunk} trains members differently from the "
+        "vmapped step: members are misassigned or mixed"))
+  np.testing.assert_allclose(np.asarray(m["loss"]), want_hist[-1]["loss"], rtol=1e-4)
+  assert np.asarray(state["step"]) == 3
+
+
+def test_member_layout_rejects_groups_that_do_not_divide_members():
+  with pytest.raises(ValueError, match="member_groups=3 must be >= 1 and divide the 4"):
+    sweep.map_members(lambda x: x, (jnp.zeros((4, 2)),), groups=3, chunk=1)
+  with pytest.raises(ValueError, match="member_chunk=0"):
+    sweep.map_members(lambda x: x, (jnp.zeros((4, 2)),), groups=1, chunk=0)
+
+
 def test_first_step_loss_matches_independent_numpy_computation():
   """Batch loss vs NumPy: closed-form f, hard and soft labels, ρ set by shifted ref log-probs."""
   _, _, _, pairs, _ = SETUP
@@ -117,7 +144,7 @@ def test_first_step_loss_matches_independent_numpy_computation():
   fs = {"logistic": lambda z: np.log1p(np.exp(-z)), "exponential": lambda z: np.exp(-z)}
   for m in range(members.size):
     row = members.row(m)
-    idx = np.asarray(sweep.batch_indices(row["seed"], row["data_size"], 0, BATCH, N))
+    idx = np.asarray(sweep.batch_indices(row["seed"], row["data_size"], 0, BATCH))
     rho = shift[idx].astype(np.float64)       # policy == π_ref, so ρ is the shift
     z = row["beta"] * rho
     if row["gamma"] > 0:
@@ -169,19 +196,49 @@ def test_diverging_member_is_frozen_and_flagged_without_affecting_others():
 @pytest.mark.parametrize("data_size", [8, 20, 48])
 def test_batches_are_per_epoch_permutations_of_the_data_subset(data_size):
   steps = -(-3 * data_size // BATCH)
-  idx = np.concatenate([np.asarray(sweep.batch_indices(7, data_size, s, BATCH, N))
+  idx = np.concatenate([np.asarray(sweep.batch_indices(7, data_size, s, BATCH))
                         for s in range(steps)])
   assert idx.min() >= 0 and idx.max() < data_size, "batches must stay inside the subset"
   for e in range(3):
     epoch = idx[e * data_size:(e + 1) * data_size]
     np.testing.assert_array_equal(np.sort(epoch), np.arange(data_size), err_msg=(
         f"epoch {e} is not a permutation of arange({data_size})"))
-  again = np.asarray(sweep.batch_indices(7, data_size, 1, BATCH, N))
+  again = np.asarray(sweep.batch_indices(7, data_size, 1, BATCH))
   np.testing.assert_array_equal(again, idx[BATCH:2 * BATCH],
                                 err_msg="batch indices must depend only on (seed, step)")
-  other = np.asarray(sweep.batch_indices(8, data_size, 0, BATCH, N))
+  other = np.asarray(sweep.batch_indices(8, data_size, 0, BATCH))
   if data_size > BATCH:
     assert not np.array_equal(other, idx[:BATCH]), "different seeds must shuffle differently"
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 8, 9, 31, 32, 33, 100, 4096, 4097, 65_537])
+def test_permute_index_is_a_bijection_of_range_n_for_every_key(n):
+  perm = jax.jit(jax.vmap(sweep.permute_index, in_axes=(None, None, 0)))  # n traced
+  keys = jnp.asarray([0, 1, 0xDEADBEEF, 2**32 - 1], jnp.uint32)
+  out = np.asarray(perm(jnp.arange(n), n, keys))
+  for k, row in zip(keys.tolist(), out):
+    np.testing.assert_array_equal(np.sort(row), np.arange(n), err_msg=(
+        f"key {k}: permute_index is not a permutation of range({n})"))
+  if n >= 8:
+    assert len({tuple(r) for r in out}) == len(keys), "different keys gave the same order"
+
+
+def test_permute_index_is_close_to_uniform_over_keys():
+  # Marginals: over 20,000 keys each input lands on each of the n outputs ~uniformly, and
+  # the order of two inputs is a fair coin. A chi-square test at a fixed seed.
+  from scipy import stats
+  n, k = 12, 20_000
+  keys = jax.random.bits(jax.random.key(3), (k,), jnp.uint32)
+  out = np.asarray(jax.jit(jax.vmap(sweep.permute_index, in_axes=(None, None, 0)))(
+      jnp.arange(n), n, keys))
+  for i in (0, 5, n - 1):
+    counts = np.bincount(out[:, i], minlength=n)
+    p = stats.chisquare(counts).pvalue
+    assert p > 1e-4, f"input {i} lands non-uniformly: counts {counts} (chi-square p={p:.1e})"
+  for i, j in ((0, 1), (3, 9)):
+    frac = np.mean(out[:, i] < out[:, j])
+    assert abs(frac - 0.5) < 4 * 0.5 / np.sqrt(k), (
+        f"P(perm[{i}] < perm[{j}]) = {frac:.3f}; a random shuffle gives 1/2")
 
 
 def test_make_members_validates_and_names_bad_values():
@@ -225,7 +282,13 @@ def test_sharded_sweep_equals_single_device_on_8_devices():
     assert case["max_abs_diff"] < ATOL and case["loss_diff"] < 1e-4, (
         f"{label}: the sharded sweep differs from the one-device run by {case['max_abs_diff']} "
         "(members mixed up, or a wrong cross-device reduction)")
+    assert case["looped_max_abs_diff"] < ATOL and case["looped_loss_diff"] < 1e-4, (
+        f"{label}: looping over each shard's members (member_groups = sweep axis) differs "
+        f"from the one-device run by {case['looped_max_abs_diff']}")
   dp, fsdp, fsdp_tp = result["cases"]
+  assert dp["looped_collectives"] == [], (
+      "with one member per device the looped layout must need no cross-device data "
+      f"movement, found {dp['looped_collectives']} (the member regrouping broke the sharding)")
   assert dp["w_up_spec"][0] == "sweep" and dp["unique_w_up_shards"] == 8
   assert fsdp["w_up_spec"][:2] == ["sweep", "data"], fsdp["w_up_spec"]
   assert fsdp_tp["w_up_spec"] == ["sweep", "data", "model"], fsdp_tp["w_up_spec"]

@@ -140,3 +140,18 @@ def test_non_finite_values_round_trip():
   row = {"step": 1, "kl": float("nan"), "loss": float("inf")}
   back = json.loads(json.dumps({k: writers.to_python(v) for k, v in row.items()}))
   assert np.isnan(back["kl"]) and back["loss"] == float("inf")
+
+
+def test_train_metrics_go_to_tensorboard_per_member_and_step(tmp_path):
+  with writers.MetricsWriter(tmp_path) as w:
+    for step in (1, 2, 3):
+      w.write_train(step, {"loss": np.array([0.5 * step, np.nan, 2.0 + step]),
+                           "diverged": np.array([False, True, False])})
+  scalars = _scalars(read_events(tmp_path / "tb"))
+  assert scalars["member_000/train/loss"] == [(s, pytest.approx(0.5 * s)) for s in (1, 2, 3)]
+  assert scalars["member_002/train/loss"] == [(s, pytest.approx(2.0 + s)) for s in (1, 2, 3)]
+  assert "member_001/train/loss" not in scalars, "non-finite values must be skipped"
+  assert scalars["member_001/train/diverged"] == [(s, 1.0) for s in (1, 2, 3)]
+  assert writers.read_jsonl(tmp_path / "metrics.jsonl") == [], "train metrics are TB-only"
+  with pytest.raises(ValueError, match="integer step"):
+    writers.MetricsWriter(tmp_path / "b").write_train(1.5, {"loss": np.zeros(2)})
