@@ -43,8 +43,12 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jax.sharding import NamedSharding, PartitionSpec
+
+from gpo_jax import cpu as cpu_lib
 from gpo_jax import main as main_lib
 from gpo_jax import model as model_lib
+from gpo_jax import sharding as sharding_lib
 from gpo_jax import sweep
 
 TRL_ENV = "GPO_BENCH_TRL_PYTHON"
@@ -237,38 +241,71 @@ def select_members(all_members: sweep.Members, k: int) -> sweep.Members:
 
 
 class CompiledSteps:
-  """The sweep step compiled once per member count K (the family table is fixed).
+  """The sweep step compiled once per member count K (the family table is fixed), in one layout.
 
+  A layout is where and how the K members run: ``devices`` (the sweep mesh axis spans the
+  largest count of them that divides K) and ``chunk`` (None: one vmap over each device's
+  members; n: each device loops over its members n at a time, ``train.member_chunk``).
   Runs use the compiled executable itself, so the clock never includes a compile and the
   cost analysis describes exactly what ran.
   """
 
-  def __init__(self, wl: Workload, families, tcfg: sweep.TrainConfig, data: dict):
-    self.wl, self.tcfg, self.data = wl, tcfg, data
-    self.jitted = jax.jit(sweep.make_train_step(wl.graphdef, wl.rest, families, tcfg, wl.n_train),
-                          donate_argnums=0)
+  def __init__(self, wl: Workload, families, tcfg: sweep.TrainConfig, data: dict, *,
+               devices=None, chunk: int | None = None, options: dict | None = None):
+    self.wl, self.tcfg, self.families = wl, tcfg, families
+    self.host_data = data
+    self.devices = list(devices or jax.devices()[:1])
+    self.chunk, self.options = chunk, options
     self._cache = {}
+    self._placed = {}
+
+  def mesh(self, k: int):
+    d = max(n for n in range(1, len(self.devices) + 1) if k % n == 0)
+    return sharding_lib.make_mesh({"sweep": d}, devices=self.devices[:d], num_members=k)
+
+  def _shardings(self, members: sweep.Members):
+    k = members.size
+    if k not in self._placed:
+      mesh = self.mesh(k)
+      init = lambda p: sweep.init_state(p, members, self.tcfg)  # noqa: E731
+      state_sh = main_lib.state_shardings(jax.eval_shape(init, self.wl.params), mesh, "dp")
+      member_sh = NamedSharding(mesh, PartitionSpec(sharding_lib.SWEEP))
+      rep = NamedSharding(mesh, PartitionSpec())
+      self._placed[k] = (mesh, state_sh, member_sh, rep, jax.device_put(self.host_data, rep))
+    return self._placed[k]
 
   def init(self, members: sweep.Members):
-    state = sweep.init_state(self.wl.params, members, self.tcfg)
-    hp = members.hparams()
+    _, state_sh, member_sh, _, _ = self._shardings(members)
+    state = jax.device_put(sweep.init_state(self.wl.params, members, self.tcfg), state_sh)
+    hp = jax.device_put(members.hparams(), member_sh)
     jax.block_until_ready((state, hp))
     return state, hp
+
+  def data(self, members: sweep.Members):
+    return self._shardings(members)[4]
 
   def get(self, members: sweep.Members):
     """``(compiled, cost, compile_s)`` for ``members.size`` members."""
     k = members.size
     if k not in self._cache:
+      mesh, state_sh, member_sh, rep, data = self._shardings(members)
+      fn = sweep.make_train_step(self.wl.graphdef, self.wl.rest, self.families, self.tcfg,
+                                 self.wl.n_train, member_groups=mesh.shape[sharding_lib.SWEEP],
+                                 member_chunk=self.chunk)
+      jitted = jax.jit(fn, in_shardings=(state_sh, member_sh, rep),
+                       out_shardings=(state_sh, member_sh), donate_argnums=0,
+                       compiler_options=self.options)
       state, hp = self.init(members)
       t0 = time.perf_counter()
-      compiled = self.jitted.lower(state, hp, self.data).compile()
+      compiled = jitted.lower(state, hp, data).compile()
       self._cache[k] = (compiled, xla_cost(compiled), time.perf_counter() - t0)
     return self._cache[k]
 
   def run(self, members, state, hp, n: int):
     compiled = self.get(members)[0]
+    data = self.data(members)
     for _ in range(n):
-      state, metrics = compiled(state, hp, self.data)
+      state, metrics = compiled(state, hp, data)
     jax.block_until_ready((state, metrics))
     return state
 
@@ -292,8 +329,9 @@ def time_vectorised(steps: CompiledSteps, members: sweep.Members, block_s: float
     state = steps.run(members, state, hp, n)
     per_step.append((time.perf_counter() - t0) / n)
   sec = statistics.median(per_step)
-  return {"s_per_step": sec, "updates_per_s": members.size / sec, "xla_flops": cost["flops"],
-          "xla_bytes": cost["bytes"], "compile_s": compile_s, "block_steps": n,
+  return {"s_per_step": sec, "updates_per_s": members.size / sec,
+          "xla_flops": cost["flops"], "xla_bytes": cost["bytes"],
+          "compile_s": compile_s, "block_steps": n,
           "spread": (min(per_step), max(per_step))}
 
 
@@ -497,7 +535,7 @@ def render(res: dict) -> str:
   m, ceil, trl, w = res["machine"], res["ceiling"], res["trl"], res["workload"]
   trl_ok = trl.get("ok", False)
   lines = [
-      "# Sweep benchmark: vectorised sweep vs sequential runs vs HF TRL",
+      "# Sweep benchmark: the sweep step (two layouts) vs sequential runs vs HF TRL",
       "",
       f"Written by `experiments/bench_sweep.py` at {res['date']}; how to run it and what it "
       "measures: `experiments/README.md`.",
@@ -516,7 +554,14 @@ def render(res: dict) -> str:
       f"train FLOPs per member-update {w['analytic_flops_per_update'] / 1e9:.3f} G "
       f"(3 × `model.flops_per_token` × tokens). Members: the first K configs of "
       f"`configs/cpu_sweep.py` ({w['members_note']}).",
-      f"- **Timing:** (a) compile, 2 warm-up steps, then the median of {res['repeats']} blocks "
+      f"- **Layouts:** (a) is what `python -m gpo_jax.main` runs on a CPU (`configs/cpu_sweep.py`: "
+      f"`mesh.cpu_devices=-1` gives one XLA:CPU device per core, `mesh.sweep=-1` puts the "
+      f"sweep axis over them, `train.member_chunk=1` makes each device loop over its own "
+      f"members); (a′) is one vmap over all members on one device (the accelerator layout, "
+      f"`member_chunk=0`). Both use `gpo_jax.cpu.compiler_options()`: {res['compiler_options']}. "
+      f"XLA GFLOP/step is K × the cost analysis of the one-member step (XLA counts a loop "
+      f"body once).",
+      f"- **Timing:** (a), (a′) compile, 2 warm-up steps, then the median of {res['repeats']} blocks "
       f"of consecutive steps (~{res['block_s']} s each); (b) one shared compile + warm-up, then "
       f"each of the K configs run from π_ref for {res['seq_steps']} steps, one after another; "
       f"(c) median of {res['trl_steps']} DPOTrainer steps after {res['trl_warmup']} warm-up "
@@ -543,7 +588,10 @@ def render(res: dict) -> str:
               "| run | policy updates/s | ms/step | XLA GFLOP/step | XLA GFLOP/s | % of ceiling "
               "| analytic GFLOP/s | speed-up vs TRL | other procs' CPU |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for label, r in (("(a) vectorised, K members per step", row["vectorised"]),
+    looped_label = (f"(a) gpo_jax CPU layout: {row['looped']['devices']} device(s), each "
+                    "looping over its members")
+    for label, r in ((looped_label, row["looped"]),
+                     ("(a′) one vmap over all K members, 1 device", row["vectorised"]),
                      ("(b) sequential, K runs one after another", row["sequential"])):
       sec = r["s_per_step"]
       xla_gf = r["xla_flops"] / sec / 1e9
@@ -560,7 +608,7 @@ def render(res: dict) -> str:
     else:
       lines.append("| (c) TRL DPOTrainer | skipped | | | | | | | |")
     d, v = row["diag"], row["vectorised"]
-    lines += ["", f"Where the time goes (K={k}, vectorised): the step's own matmuls, K-batched "
+    lines += ["", f"Where the time goes (K={k}, (a′) one vmap): the step's own matmuls, K-batched "
               f"and timed one by one, run at {d['gflops']:.1f} GFLOP/s "
               f"({100 * d['gflops'] / ceil['gflops']:.0f} % of the {ceil['n']}³ ceiling) and "
               f"add up to {1e3 * d['s']:.1f} ms of the {1e3 * v['s_per_step']:.1f} ms step "
@@ -577,21 +625,25 @@ def render(res: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
-def target_notes(by_k: dict, trl: dict, ceiling: dict) -> list[str]:
-  """Lines saying whether the issue's targets were met (≥ 2× TRL, ≥ 60 % of the ceiling)."""
+def target_notes(by_k: dict, trl: dict, ceiling: dict, layout: str = "looped") -> list[str]:
+  """Lines saying whether the issue's targets were met (≥ 2× TRL, ≥ 60 % of the ceiling).
+
+  Judged on ``layout`` (default: (a), what ``gpo_jax.main`` runs on a CPU).
+  """
   notes = []
-  pct = {k: 100 * r["vectorised"]["xla_flops"] / r["vectorised"]["s_per_step"] / 1e9
+  name = {"looped": "(a) CPU layout", "vectorised": "(a′) one vmap"}[layout]
+  pct = {k: 100 * r[layout]["xla_flops"] / r[layout]["s_per_step"] / 1e9
          / ceiling["gflops"] for k, r in by_k.items()}
   best_k = max(pct, key=pct.get)
   notes.append(f"Target ≥ 60 % of the matmul ceiling in the train step: best {pct[best_k]:.0f} % "
-               f"(vectorised, K={best_k}) — {'met' if pct[best_k] >= 60 else 'missed'}.")
+               f"({name}, K={best_k}) — {'met' if pct[best_k] >= 60 else 'missed'}.")
   if trl.get("ok"):
-    speed = {k: r["vectorised"]["updates_per_s"] / trl["updates_per_s"] for k, r in by_k.items()}
+    speed = {k: r[layout]["updates_per_s"] / trl["updates_per_s"] for k, r in by_k.items()}
     parts = ", ".join(f"K={k}: {v:.1f}×" for k, v in speed.items())
     met = [k for k, v in speed.items() if v >= 2]
     verdict = ("met at every K" if len(met) == len(speed) else
                "missed at every K" if not met else f"met only at K={','.join(met)}")
-    notes.append(f"Target ≥ 2× TRL's per-policy-update throughput (vectorised): {parts} — "
+    notes.append(f"Target ≥ 2× TRL's per-policy-update throughput ({name}): {parts} — "
                  f"{verdict}.")
   return notes
 
@@ -618,6 +670,8 @@ def main(argv=None) -> int:
   ap.add_argument("--trl-steps", type=int, default=60)
   ap.add_argument("--trl-repeats", type=int, default=2, help="TRL runs; the fastest median counts")
   ap.add_argument("--no-trl", action="store_true", help="skip (c)")
+  ap.add_argument("--devices", type=int, default=0,
+                  help="XLA:CPU devices for layout (a) (default: one per available core)")
   ap.add_argument("--write", default=None, metavar="MD", help="write the markdown report here")
   ap.add_argument("--json", default=None, help="also dump the raw results as JSON")
   args = ap.parse_args(argv)
@@ -628,6 +682,9 @@ def main(argv=None) -> int:
   if any(k < 1 for k in ks):
     raise SystemExit(f"--ks must be comma-separated positive integers, got {args.ks!r}")
 
+  # Before any JAX computation: the CPU device count is fixed when the backend starts.
+  n_devices = args.devices or cpu_lib.available_cores()
+  jax.config.update("jax_num_cpu_devices", n_devices)
   t_start = time.perf_counter()
   command = " ".join(shlex.quote(a) for a in ["python", os.path.relpath(__file__, REPO)]
                      + sys.argv[1:])
@@ -650,29 +707,43 @@ def main(argv=None) -> int:
   ceiling = matmul_ceiling()
   print(f"matmul ceiling: {ceiling['gflops']:.1f} GFLOP/s", flush=True)
 
-  # One step function for every K and for (b): the family table is the whole sweep's, so
-  # only the member count changes the compiled shape.
-  steps = CompiledSteps(wl, all_members.families, tcfg, data)
+  # Layouts share one family table (the whole sweep's), so only the member count changes
+  # a compiled shape. XLA's cost analysis counts a loop body once, so every row's XLA
+  # FLOPs are K x those of the one-member, one-device step.
+  options = cpu_lib.compiler_options()
+  looped = CompiledSteps(wl, all_members.families, tcfg, data, devices=jax.devices(),
+                         chunk=1, options=options)
+  vmapped = CompiledSteps(wl, all_members.families, tcfg, data, devices=jax.devices()[:1],
+                          options=options)
+  one = select_members(all_members, 1)
+  per_member = vmapped.get(one)[1]
   by_k = {}
   for k in ks:
     members = select_members(all_members, k)
-    steps.get(members)  # compile outside the meters
-    steps.get(members.select([0]))
+    row = {}
+    for name, steps in (("looped", looped), ("vectorised", vmapped)):
+      steps.get(members)  # compile outside the meters
+      with OtherCpu() as meter:
+        row[name] = time_vectorised(steps, members, args.block_s, args.repeats)
+      row[name]["other_cpu"] = meter.share
+      row[name]["devices"] = int(steps.mesh(k).shape[sharding_lib.SWEEP])
     with OtherCpu() as meter:
-      vec = time_vectorised(steps, members, args.block_s, args.repeats)
-    vec["other_cpu"] = meter.share
-    with OtherCpu() as meter:
-      seq_r = time_sequential(steps, members, args.seq_steps)
-    seq_r["other_cpu"] = meter.share
+      row["sequential"] = time_sequential(vmapped, members, args.seq_steps)
+    row["sequential"]["other_cpu"] = meter.share
+    for r in row.values():
+      r["xla_flops"], r["xla_bytes"] = k * per_member["flops"], k * per_member["bytes"]
     diag = shape_matmul_rate(wl.cfg, n_seq, seq, k)
     try:
-      diag["op_share"] = op_time_breakdown(steps, members)
+      diag["op_share"] = op_time_breakdown(vmapped, members)
     except Exception as e:  # the profiler is a diagnostic; the benchmark stands without it
       diag["op_share"] = {}
       print(f"op-time breakdown unavailable: {e!r}", file=sys.stderr)
-    by_k[str(k)] = {"vectorised": vec, "sequential": seq_r, "diag": diag, "load": load_avg()}
-    print(f"K={k}: vectorised {vec['updates_per_s']:.1f} upd/s, sequential "
-          f"{seq_r['updates_per_s']:.1f} upd/s, load {by_k[str(k)]['load']}", flush=True)
+    row.update(diag=diag, load=load_avg())
+    by_k[str(k)] = row
+    print(f"K={k}: looped on {row['looped']['devices']} devices "
+          f"{row['looped']['updates_per_s']:.1f} upd/s, vectorised "
+          f"{row['vectorised']['updates_per_s']:.1f} upd/s, sequential "
+          f"{row['sequential']['updates_per_s']:.1f} upd/s, load {row['load']}", flush=True)
 
   trl = {"ok": False, "reason": "--no-trl given"}
   n_trl = tcfg.batch_size * (args.trl_warmup + args.trl_steps)
@@ -705,6 +776,7 @@ def main(argv=None) -> int:
       "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
       "command": command,
       "machine": machine_info(),
+      "compiler_options": options,
       "ceiling": ceiling,
       "load_start": load_start,
       "load_trl": load_trl,
@@ -734,7 +806,8 @@ def main(argv=None) -> int:
       "by_k": by_k, "trl": trl, "notes": [],
   }
   res["notes"] += target_notes(by_k, trl, ceiling)
-  shares = [r[k].get("other_cpu") for r in by_k.values() for k in ("vectorised", "sequential")]
+  shares = [r[k].get("other_cpu") for r in by_k.values()
+            for k in ("looped", "vectorised", "sequential")]
   shares = [x for x in shares + [trl.get("other_cpu")] if x is not None]
   if shares and max(shares) > 0.1:
     res["notes"].append(f"Other processes took up to {100 * max(shares):.0f} % of the CPU during "

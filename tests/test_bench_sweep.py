@@ -66,3 +66,28 @@ def test_select_members_round_robin_over_families():
     bench_sweep.select_members(members, 7)
   betas = bench_sweep.select_members(members, 3).beta
   np.testing.assert_allclose(sorted(betas), [0.1, 0.5, 1.0])
+
+
+def test_benchmark_runs_end_to_end_and_writes_its_table(tmp_path):
+  # The real script in a fresh process (it sets the CPU device count before JAX starts), on
+  # the tiny lab's shapes with random data: checks the plumbing, not the speed.
+  import json
+  import subprocess
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  md, js = tmp_path / "bench.md", tmp_path / "bench.json"
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  proc = subprocess.run(
+      [sys.executable, os.path.join(repo, "experiments", "bench_sweep.py"), "--lab", "tiny",
+       "--standin", "--ks", "2", "--no-trl", "--repeats", "1", "--block-s", "0.05",
+       "--seq-steps", "1", "--devices", "2", "--write", str(md), "--json", str(js)],
+      env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  res = json.loads(js.read_text())
+  row = res["by_k"]["2"]
+  assert row["looped"]["devices"] == 2 and row["vectorised"]["devices"] == 1
+  for name in ("looped", "vectorised", "sequential"):
+    assert row[name]["updates_per_s"] > 0 and row[name]["xla_flops"] > 0, (name, row[name])
+  # Every layout does the same work per member, so the FLOP columns agree.
+  assert row["looped"]["xla_flops"] == row["vectorised"]["xla_flops"]
+  text = md.read_text()
+  assert "(a) gpo_jax CPU layout: 2 device(s)" in text and "## K = 2" in text
