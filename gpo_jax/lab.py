@@ -9,23 +9,42 @@ A lab directory ``<workdir>/<name>-<hash12>/`` (the hash covers the config and
   eval_prompts.npy   held-out contexts ``[BOS] prompt [SEP]``, int32 [M, P + 2]
   lab.json           config, statistics, versions, SHA-256 of every other file, build time
 
-``lab.json`` is written last, so its presence marks a complete build; a directory without
-it, with a missing file or with a checksum mismatch is rejected by :func:`load_lab` and
-moved aside and rebuilt by :func:`build_or_load`. Builds go to a temporary directory that
-is renamed into place, under an ``fcntl`` lock so concurrent processes build once.
+``lab.json`` is written last, so its presence marks a complete build. Builds go to a
+temporary directory that is renamed into place, under an ``fcntl`` lock so concurrent
+processes build once.
+
+Loading separates a bad artifact from a failure to read a good one, because a rebuild
+costs minutes to hours and must never be triggered by a transient error:
+
+* :class:`LabCorruptError` — evidence that the artifact itself is bad: ``lab.json`` missing,
+  unparseable, of the wrong schema or code version, or disagreeing with the directory
+  name's config hash; a listed file missing; a SHA-256 mismatch. All of this is checked
+  before anything is deserialised. :func:`build_or_load` moves such a lab aside to
+  ``<dir>.corrupt-<time>-<pid>`` (kept, never deleted) and rebuilds it.
+* :class:`LabLoadError` — the checksums verified, yet a file failed to deserialise (an
+  orbax/tensorstore/TFDS version incompatibility or a bug): the error names the file, the
+  lab and the versions recorded at build time; the lab is left in place.
+* ``OSError`` / ``MemoryError`` (EMFILE, EIO, EACCES, out of memory) propagate with their
+  type, plus a note naming the lab and the stage, so callers can retry; the lab is left in
+  place.
 
 CLI::
 
   python -m gpo_jax.lab --config configs/lab.py:small --workdir labs/
 """
 
+import contextlib
 import dataclasses
+import errno
 import fcntl
 import hashlib
 import json
 import os
+import math
 import platform
+import re
 import shutil
+import stat
 import time
 from typing import Any
 
@@ -46,7 +65,21 @@ SPLITS = ("train", "test")
 
 
 class LabError(RuntimeError):
-  """A lab directory is missing, incomplete or corrupt."""
+  """A lab directory cannot be used (raised as such when it does not exist)."""
+
+
+class LabCorruptError(LabError):
+  """The artifact itself is bad (``lab.json`` missing/malformed/stale, file missing, checksum).
+
+  The only error on which :func:`build_or_load` moves a lab aside and rebuilds it.
+  """
+
+
+class LabLoadError(LabError):
+  """A lab whose files match their checksums (or were not verified) failed to deserialise.
+
+  Points to a version incompatibility or a bug, not to corruption: the lab is left in place.
+  """
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,7 +263,9 @@ class Lab:
     if split not in SPLITS:
       raise ValueError(f"unknown split {split!r}; choose one of {list(SPLITS)}")
     if split not in self._pairs_cache:
-      self._pairs_cache[split] = lab_tfds.read_split(self.tfds_dir, split)
+      rel = os.path.relpath(self.tfds_dir, self.path)
+      with _deserialising(self.path, rel, f"reading the {split!r} pairs", verified=None):
+        self._pairs_cache[split] = lab_tfds.read_split(self.tfds_dir, split)
     return {k: v.copy() for k, v in self._pairs_cache[split].items()}
 
 
@@ -297,45 +332,209 @@ def _versions() -> dict:
           "flax": flax.__version__, "optax": optax.__version__,
           "orbax": orbax.checkpoint.__version__, "tfds": tensorflow_datasets.__version__,
           "numpy": np.__version__, "python": platform.python_version(),
-          "backend": jax.default_backend()}
+          "backend": jax.default_backend(), **_dist_versions("tensorstore", "array-record")}
+
+
+def _dist_versions(*names: str) -> dict:
+  """Installed versions of the storage libraries beneath orbax and TFDS (a failed load of an
+  intact lab is usually theirs), by distribution name."""
+  from importlib import metadata
+  out = {}
+  for n in names:
+    try:
+      out[n] = metadata.version(n)
+    except metadata.PackageNotFoundError:
+      out[n] = None
+  return out
 
 
 # ---------------------------------------------------------------------- load
-def load_lab(path: str, verify: bool = True) -> Lab:
-  """Loads a complete lab directory; raises :class:`LabError` naming what is wrong."""
-  path = os.path.abspath(path)
-  if not os.path.isdir(path):
-    raise LabError(f"lab directory {path} does not exist")
+_HEX12_SUFFIX = re.compile(r"-([0-9a-f]{12})$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# Every complete lab lists at least one file under each of these (see the module docstring).
+_REQUIRED = ("policy/", "gold/", "tfds/gpo_lab/1.0.0/", EVAL_PROMPTS)
+_MISSING = (errno.ENOENT, errno.ENOTDIR)
+
+
+def _with_note(e: BaseException, note: str) -> BaseException:
+  e.add_note(note)
+  return e
+
+
+def _stat(path: str, lab: str, stage: str):
+  """``os.stat``; None when the path does not exist. Other OSErrors (EACCES, EIO) propagate,
+  so an unreadable file is never mistaken for a missing one."""
+  try:
+    return os.stat(path)
+  except OSError as e:
+    if e.errno in _MISSING:
+      return None
+    raise _with_note(e, f"while {stage} of lab {lab}; the lab was left in place")
+
+
+def _read_meta(path: str) -> tuple[dict, LabConfig]:
+  """Parses and validates ``lab.json``; every defect in it is a :class:`LabCorruptError`."""
   meta_path = os.path.join(path, LAB_JSON)
-  if not os.path.exists(meta_path):
-    raise LabError(f"lab {path} is incomplete: {LAB_JSON} is missing (the build did not "
-                   f"finish); delete it or rebuild with build_or_load")
   try:
-    with open(meta_path) as f:
-      meta = json.load(f)
-    files = meta["files"]
+    with open(meta_path, "rb") as f:
+      raw = f.read()
+  except OSError as e:
+    if e.errno in _MISSING:
+      raise LabCorruptError(f"lab {path} is incomplete: {LAB_JSON} is missing (the build did "
+                            f"not finish); build_or_load moves it aside and rebuilds") from None
+    raise _with_note(e, f"while reading {meta_path}; the lab was left in place")
+  try:
+    meta = json.loads(raw)
+    if not isinstance(meta, dict):
+      raise TypeError(f"top level is {type(meta).__name__}, not an object")
+    required = ("code_version", "hash", "config", "files", "stats", "gold_mean", "gold_std")
+    absent = [k for k in required if k not in meta]
+    if absent:
+      raise KeyError(f"keys {absent} absent")
+  except (ValueError, KeyError, TypeError) as e:  # UnicodeDecodeError is a ValueError
+    raise LabCorruptError(f"lab {path}: {LAB_JSON} is unreadable or malformed ({e})") from e
+  if meta["code_version"] != LAB_CODE_VERSION:
+    raise LabCorruptError(f"lab {path} was built by lab code version {meta['code_version']!r}, "
+                          f"this code is {LAB_CODE_VERSION!r}; rebuild it")
+  try:
     cfg = LabConfig.from_dict(meta["config"])
-  except (ValueError, KeyError, TypeError) as e:
-    raise LabError(f"lab {path}: {LAB_JSON} is unreadable or malformed ({e})") from e
-  if meta.get("code_version") != LAB_CODE_VERSION:
-    raise LabError(f"lab {path} was built by lab code version {meta.get('code_version')!r}, "
-                   f"this code is {LAB_CODE_VERSION!r}; rebuild it")
+  except (ValueError, KeyError, TypeError, AttributeError) as e:
+    raise LabCorruptError(f"lab {path}: the config in {LAB_JSON} is not a valid LabConfig "
+                          f"({type(e).__name__}: {e})") from e
+  digest = cfg.config_hash()
+  if meta["hash"] != digest:
+    raise LabCorruptError(f"lab {path}: {LAB_JSON} records config hash {meta['hash']!r} but "
+                          f"its config hashes to {digest!r}")
+  named = _HEX12_SUFFIX.search(os.path.basename(path))
+  # A directory renamed without a hash suffix is allowed (labs are relocatable); one whose
+  # name claims a hash must hold that config.
+  if named and named.group(1) != digest:
+    raise LabCorruptError(f"lab {path}: the directory name says config hash {named.group(1)!r} "
+                          f"but {LAB_JSON} holds a config hashing to {digest!r}")
+  files = meta["files"]
+  if not isinstance(files, dict):
+    raise LabCorruptError(f"lab {path}: \"files\" in {LAB_JSON} is not an object")
+  bad_entries = [(f, d) for f, d in files.items()
+                 if not (isinstance(d, str) and _SHA256.match(d) and f and f != LAB_JSON
+                         and not os.path.isabs(f) and ".." not in f.split("/"))]
+  if bad_entries:
+    raise LabCorruptError(f"lab {path}: malformed \"files\" entries in {LAB_JSON}: "
+                          f"{bad_entries[:3]}")
+  unlisted = [r for r in _REQUIRED if not any(f == r or f.startswith(r) for f in files)]
+  if unlisted:
+    raise LabCorruptError(f"lab {path}: {LAB_JSON} lists no files for {unlisted}")
+  numbers = (meta["gold_mean"], meta["gold_std"])
+  if (not isinstance(meta["stats"], dict)
+      or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in numbers)
+      or not meta["gold_std"] > 0):
+    raise LabCorruptError(f"lab {path}: {LAB_JSON} has malformed stats or gold constants "
+                          f"(gold_mean={meta['gold_mean']!r}, gold_std={meta['gold_std']!r})")
+  return meta, cfg
+
+
+def _check_files(path: str, files: dict[str, str], verify: bool) -> None:
+  """Raises :class:`LabCorruptError` on a listed file that is missing or (``verify``) whose
+  SHA-256 differs from ``lab.json``; read errors propagate as ``OSError``."""
+  missing = []
+  for f in files:
+    st = _stat(os.path.join(path, f), path, f"checking that {f} exists")
+    if st is None or not stat.S_ISREG(st.st_mode):
+      missing.append(f)
+  if missing:
+    raise LabCorruptError(f"lab {path} is corrupt: missing files {missing[:5]}"
+                          f"{' ...' if len(missing) > 5 else ''}")
   if verify:
-    missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
-    if missing:
-      raise LabError(f"lab {path} is corrupt: missing files {missing[:5]}"
-                     f"{' ...' if len(missing) > 5 else ''}")
-    bad = [f for f, digest in files.items() if _sha256(os.path.join(path, f)) != digest]
+    bad = []
+    for f, want in files.items():
+      try:
+        got = _sha256(os.path.join(path, f))
+      except OSError as e:
+        raise _with_note(e, f"while verifying the checksum of {f} in lab {path}; the lab was "
+                            "left in place")
+      if got != want:
+        bad.append(f)
     if bad:
-      raise LabError(f"lab {path} is corrupt: checksum mismatch in {bad[:5]}")
+      raise LabCorruptError(f"lab {path} is corrupt: checksum mismatch in {bad[:5]}")
+
+
+def _version_drift(path: str) -> str:
+  """Versions recorded in ``lab.json`` that differ from the installed ones, as text."""
   try:
+    with open(os.path.join(path, LAB_JSON)) as f:
+      built = json.load(f).get("versions", {})
+    now = _versions()
+  except Exception as e:  # only decorates an error message; never mask the real failure
+    return f"(could not compare package versions: {type(e).__name__}: {e})"
+  drift = [f"{k} {built[k]} -> {now[k]}" for k in sorted(now)
+           if k in built and built[k] != now[k]]
+  if drift:
+    return "Versions differ from the build: " + ", ".join(drift) + "."
+  return ("The installed versions equal those recorded at build time, so a bug or an "
+          "environment problem is more likely than an incompatibility.")
+
+
+@contextlib.contextmanager
+def _deserialising(path: str, rel: str, what: str, verified: bool | None):
+  """Gives a failure to read ``rel`` of lab ``path`` its context; never signals corruption.
+
+  ``OSError``/``MemoryError`` keep their type (callers may retry) and gain a note; any other
+  ``Exception`` becomes :class:`LabLoadError`. ``verified``: whether the checksums were just
+  checked (None: at load time, earlier).
+  """
+  try:
+    yield
+  except LabError:
+    raise
+  except (OSError, MemoryError) as e:
+    e.add_note(f"while {what} from {rel} of lab {path}; a transient failure, not corruption: "
+               "the lab was left in place")
+    raise
+  except Exception as e:
+    if verified:
+      integrity = (f"The lab's files match the SHA-256 checksums in {LAB_JSON}, so {rel} holds "
+                   "the bytes the build wrote: this is not corruption.")
+    elif verified is None:
+      integrity = (f"Checksums were verified when the lab was loaded; load_lab({path!r}) "
+                   "verifies them again.")
+    else:
+      integrity = (f"Checksums were not verified (verify=False); load_lab({path!r}) with "
+                   "verify=True tells corruption apart.")
+    cause = str(e) if len(str(e)) <= 400 else str(e)[:400] + " ... (full text in the cause)"
+    raise LabLoadError(
+        f"lab {path}: {what} failed on {rel} ({type(e).__name__}: {cause}). {integrity} Likely "
+        f"cause: an incompatible orbax/tensorstore/tensorflow-datasets/numpy version or a "
+        f"bug in the loading code. {_version_drift(path)} The lab was left in place (not "
+        "moved, not rebuilt).") from e
+
+
+def load_lab(path: str, verify: bool = True) -> Lab:
+  """Loads a complete lab directory.
+
+  ``lab.json`` and the files it lists are validated (SHA-256 unless ``verify=False``)
+  before anything is deserialised.
+
+  Raises:
+    LabError: ``path`` does not exist.
+    LabCorruptError: the artifact is bad (see the module docstring).
+    LabLoadError: an intact file failed to deserialise.
+    OSError, MemoryError: a transient failure, with a note naming the lab and the stage.
+  """
+  path = os.path.abspath(path)
+  st = _stat(path, path, "opening the lab directory")
+  if st is None:
+    raise LabError(f"lab directory {path} does not exist")
+  if not stat.S_ISDIR(st.st_mode):
+    raise LabCorruptError(f"lab {path} is not a directory")
+  meta, cfg = _read_meta(path)
+  _check_files(path, meta["files"], verify)
+  with _deserialising(path, "policy/", "restoring π_ref's weights", verify):
     ref_state = _restore_state(os.path.join(path, "policy"), model_lib.Transformer,
                                cfg.policy_config)
+  with _deserialising(path, "gold/", "restoring the gold model's weights", verify):
     gold_state = _restore_state(os.path.join(path, "gold"), model_lib.RewardModel,
                                 cfg.gold_config)
-    eval_prompts = np.load(os.path.join(path, EVAL_PROMPTS))
-  except Exception as e:  # orbax/numpy raise many types; all mean "unusable"
-    raise LabError(f"lab {path}: cannot restore its contents ({type(e).__name__}: {e})") from e
+  with _deserialising(path, EVAL_PROMPTS, "loading the eval prompts", verify):
+    eval_prompts = np.load(os.path.join(path, EVAL_PROMPTS), allow_pickle=False)
   return Lab(path=path, cfg=cfg, stats=meta["stats"], policy_cfg=cfg.policy_config,
              ref_state=ref_state, gold_cfg=cfg.gold_config, gold_state=gold_state,
              gold_mean=float(meta["gold_mean"]), gold_std=float(meta["gold_std"]),
@@ -344,26 +543,34 @@ def load_lab(path: str, verify: bool = True) -> Lab:
 
 # ---------------------------------------------------------------------- build
 def build_or_load(cfg: LabConfig, workdir: str, log=print) -> Lab:
-  """Returns the lab for ``cfg`` under ``workdir``, building it if absent or invalid.
+  """Returns the lab for ``cfg`` under ``workdir``, building it if absent or corrupt.
 
-  A complete, valid lab is reused. An invalid one (no ``lab.json``, missing file, checksum
-  mismatch) is moved aside to ``<dir>.corrupt-<time>`` and rebuilt. Concurrent callers are
-  serialised by an ``fcntl`` lock, so a lab is built once.
+  A valid lab is reused. Only a :class:`LabCorruptError` (evidence that the artifact is
+  bad) moves the lab aside to ``<dir>.corrupt-<time>-<pid>`` and rebuilds it; any other
+  failure to load it (:class:`LabLoadError`, ``OSError``, ...) is logged and re-raised with
+  the lab left in place, so a transient error never costs a rebuild. Concurrent callers
+  are serialised by an ``fcntl`` lock, so a lab is built once.
   """
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   final = os.path.join(workdir, cfg.dirname)
   with open(os.path.join(workdir, f".{cfg.dirname}.lock"), "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
-    if os.path.exists(final):
+    if _stat(final, final, "checking whether it exists") is not None:
       try:
         lab = load_lab(final)
+      except LabCorruptError as e:
+        aside = f"{final}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        log(f"invalid lab ({e}); moving it to {aside} (kept for inspection) and rebuilding")
+        os.rename(final, aside)
+      except Exception as e:
+        notes = "".join(f"; {n}" for n in getattr(e, "__notes__", ()))
+        log(f"cannot load lab {final} ({type(e).__name__}: {e}{notes}); this is not evidence "
+            "of corruption, so the lab is left in place and NOT rebuilt")
+        raise
+      else:
         log(f"reusing lab {final}")
         return lab
-      except LabError as e:
-        aside = f"{final}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-        log(f"invalid lab ({e}); moving it to {aside} and rebuilding")
-        os.rename(final, aside)
     # Under the lock no other process is building this lab, so any leftover build
     # directory belongs to a crashed build.
     for stale in os.listdir(workdir):
