@@ -16,10 +16,13 @@ samples we measure (SPEC §4):
 * Offline diagnostics on held-out test pairs with TRL names: ``rewards/chosen`` ``=
   β(log π(y_w) − log π_ref(y_w))``, ``rewards/rejected``, ``rewards/margins``,
   ``rewards/accuracies``, plus ``rho/mean``, ``offline_reg = ½ mean ρ²``, ``beta_eff``.
+  ``log π_ref`` is recomputed alongside ``log π`` (not read from the dataset), so at
+  ``π = π_ref`` every margin is exactly 0 and the accuracy 0, whatever the mesh.
 
 Every sampled estimate comes with ``n_samples`` and a standard error ``*_se``. The policy
 and the reference are run through the *same* vmapped forward (stacked as a pair), so at
-step 0, where the parameters equal π_ref, the exact KL is exactly 0.
+step 0, where the parameters equal π_ref, the exact KL and every offline log-ratio are
+exactly 0, on one device or a sharded mesh.
 
 References:
   Schulman 2020, "Approximating KL divergence" (k1, k3 estimators).
@@ -227,21 +230,45 @@ class Evaluator:
     win_B = jnp.mean(jax.nn.sigmoid(
         gold_B.reshape(e, n, 1) - ref_ExN[:, None, :]), axis=-1).reshape(-1)
 
-    # Offline diagnostics on held-out pairs (reference log-probs from the dataset).
-    t = sweep_lib.pair_terms(self.graphdef, params, self.rest, aux["test"], hp["beta"],
-                             self.length_normalize)
     return {
         "per_sample": {"kl": kl_B, "kl_k1": k1_B, "kl_k3": k3_B,
                        "gold/reward": gold_B, "gold/win_rate": win_B},
         "entropy": ent,
-        "rewards/chosen": jnp.mean(t["chosen"]),
-        "rewards/rejected": jnp.mean(t["rejected"]),
-        "rewards/margins": jnp.mean(t["chosen"] - t["rejected"]),
-        "rewards/accuracies": jnp.mean((t["chosen"] > t["rejected"]).astype(jnp.float32)),
-        "rho/mean": jnp.mean(t["rho"]),
-        "offline_reg": 0.5 * jnp.mean(jnp.square(t["rho"])),
         "response_len": jnp.mean(jnp.sum(m, axis=-1)),
     }
+
+  def _offline_log_ratios(self, params_M, ref_params, test) -> Array:
+    """``[M, 2B]`` log π − log π_ref of the test pairs (chosen then rejected) per member.
+
+    The reference log-probs are computed here instead of read from the dataset, in the same
+    vmapped forward as the members' (π_ref is row 0 of every member chunk): batch rows go
+    through identical arithmetic, so a member equal to π_ref has log-ratios of exactly 0 on
+    any mesh. With the dataset's values, the rounding of a sharded forward broke the exact
+    ties in ``rewards/accuracies`` at step 0 (0 on one device, ~0.4 on an 8-device mesh;
+    tests/test_evaluation_sharded.py). One reference row per chunk, not per member, keeps the
+    extra cost at ``1/member_chunk`` of the offline forward.
+    """
+    m = jax.tree.leaves(params_M)[0].shape[0]
+    c = min(self.ecfg.member_chunk, m)
+    n_chunks = -(-m // c)
+    ctx = jnp.concatenate([test["prompt"], test["prompt"]])
+    resp = jnp.concatenate([test["chosen"], test["rejected"]])
+    mask = jnp.concatenate([test["chosen_mask"], test["rejected_mask"]])
+
+    def chunk(p_CxP):
+      rows = jax.tree.map(lambda r, x: jnp.concatenate([r[None], x]), ref_params, p_CxP)
+      logp = jax.vmap(lambda st: sweep_lib.pair_logps(
+          nnx.merge(self.graphdef, st, self.rest), ctx, resp, mask,
+          self.length_normalize))(rows)
+      return logp[1:] - logp[0]
+
+    # Pad the member axis with copies of π_ref up to whole chunks; their rows are dropped.
+    padded = jax.tree.map(
+        lambda x, r: jnp.concatenate(
+            [x, jnp.broadcast_to(r, (n_chunks * c - m,) + r.shape)]).reshape(
+                (n_chunks, c) + r.shape), params_M, ref_params)
+    lr_NxCx2B = jax.lax.map(chunk, padded)
+    return lr_NxCx2B.reshape((n_chunks * c,) + lr_NxCx2B.shape[2:])[:m]
 
   def _eval_all(self, params_M, hparams, step, aux):
     fn = functools.partial(self._eval_member, step=step, aux=aux)
@@ -250,6 +277,18 @@ class Evaluator:
     per = out.pop("per_sample")
     per["gold/reward"] = per["gold/reward"] - aux["ref_gold_mean"]
     res = dict(out)
+    # Offline diagnostics on held-out pairs (TRL names), from β-scaled log-ratios.
+    lr_Mx2B = self._offline_log_ratios(params_M, aux["ref_params"], aux["test"])
+    b = lr_Mx2B.shape[1] // 2
+    beta_M1 = hparams["beta"][:, None]
+    chosen, rejected = beta_M1 * lr_Mx2B[:, :b], beta_M1 * lr_Mx2B[:, b:]
+    rho = lr_Mx2B[:, :b] - lr_Mx2B[:, b:]
+    res["rewards/chosen"] = jnp.mean(chosen, axis=-1)
+    res["rewards/rejected"] = jnp.mean(rejected, axis=-1)
+    res["rewards/margins"] = jnp.mean(chosen - rejected, axis=-1)
+    res["rewards/accuracies"] = jnp.mean((chosen > rejected).astype(jnp.float32), axis=-1)
+    res["rho/mean"] = jnp.mean(rho, axis=-1)
+    res["offline_reg"] = 0.5 * jnp.mean(jnp.square(rho), axis=-1)
     for name, x_MxN in per.items():
       res[name], res[name + "_se"] = _mean_se(x_MxN)
     res["sqrt_kl"] = jnp.sqrt(jnp.maximum(res["kl"], 0.0))

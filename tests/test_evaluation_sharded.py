@@ -1,0 +1,115 @@
+"""Evaluator on 8 simulated devices (dp, fsdp, fsdp_tp meshes as main.py builds) equals one device."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import lab_fixture
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# Sampled tokens are identical on every mesh (checked once against the sampler directly: all
+# 8 members x 32 samples x 12 tokens equal on the six meshes of the subprocess), and so are
+# the metrics computed from counts (response_len, n_samples) and from hparams (beta_eff).
+# The float metrics are not bitwise equal because sharding changes reduction order: fsdp
+# splits the embed contraction over 'data' (partial dot products, then an all-reduce),
+# fsdp_tp also splits the mlp contraction and the vocabulary (logsumexp) over 'model', and dp
+# gives each device one member where the one-device program runs the member chunk as one
+# vmapped batch, so the CPU matmul kernels block the sums differently. Measured: at most 1.1e-6 *
+# max(1, |x|), about ten float32 ulps. A single flipped sampled token moves a member's mean
+# over 32 samples by ~1e-3 or more, so 1e-5 leaves 10x headroom over rounding and still
+# catches a changed sample, a member mix-up or a wrong reduction.
+RTOL = ATOL = 1e-5
+EXACT = ("n_samples", "response_len", "beta_eff")
+# At a member equal to π_ref these are exactly 0: policy and reference go through one stacked
+# forward, whatever the mesh. rewards/accuracies is the tie case (strict margin > 0).
+ZERO_AT_REF = ("kl", "kl_k1", "kl_k3", "rewards/chosen", "rewards/rejected",
+               "rewards/margins", "rewards/accuracies", "rho/mean", "offline_reg")
+
+
+@pytest.fixture(scope="module")
+def lab_root(tmp_path_factory):
+  root = lab_fixture.shared_root(tmp_path_factory)
+  lab_fixture.get_tiny_lab(root)
+  return root
+
+
+def _run_subprocess(lab_root, *flags):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu", PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests'}")
+  proc = subprocess.run([sys.executable, str(REPO / "tests" / "evaluation_subprocess.py"),
+                         str(lab_root), *flags], env=env, capture_output=True, text=True,
+                        timeout=1800)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _check(result):
+  assert result["devices"] == 8
+  m = result["members"]
+  for chunk, dense in result["dense"].items():
+    kl = np.asarray(dense["metrics"]["kl"])
+    # Member i is π_ref plus noise of scale 0.1 i: distinct members, or a mix-up goes unseen.
+    assert len(set(kl.tolist())) == m and kl[1] > 0.05, (
+        f"member_chunk={chunk}: one-device KLs {kl} do not tell the members apart; vacuous")
+
+  for case in result["cases"]:
+    label = f"{case['preset']} on {case['mesh']} (member_chunk={case['member_chunk']})"
+    dense = result["dense"][str(case["member_chunk"])]
+    assert case["placed_equal"], f"{label}: placing the parameters changed them"
+    assert case["w_up_unique_shards"] > 1, f"{label}: w_up is not sharded; vacuous"
+    got, want = case["metrics"], dense["metrics"]
+    assert sorted(got) == sorted(want), (
+        f"{label}: metric names differ from the one-device run: {sorted(set(got) ^ set(want))}")
+    for name in sorted(want):
+      g, w = np.asarray(got[name]), np.asarray(want[name])
+      assert g.shape == w.shape == (m,), f"{label}: {name} has shape {g.shape}, want ({m},)"
+      if name in EXACT:
+        np.testing.assert_array_equal(g, w, err_msg=(
+            f"{label}: {name} differs from the one-device run; sampled tokens or "
+            "hyperparameters differ between meshes (keys or members mixed up)"))
+      else:
+        np.testing.assert_allclose(g, w, rtol=RTOL, atol=ATOL, err_msg=(
+            f"{label}: {name} differs from the one-device evaluation of the same parameters "
+            "by more than float32 reordering allows: the result depends on the mesh "
+            "(members mixed up, a flipped sample, or a wrong cross-device reduction)"))
+    for name in ZERO_AT_REF:
+      assert got[name][0] == 0.0, (
+          f"{label}: {name}={got[name][0]} for member 0, which equals π_ref; it must be "
+          "exactly 0 on any mesh (policy and reference must share one stacked forward)")
+    bon, dense_bon = case["bon"], dense["bon"]
+    assert {k: v for k, v in bon.items() if k not in ("gold", "gold_se", "kl", "ref_gold_mean")} \
+        == {k: v for k, v in dense_bon.items() if k not in ("gold", "gold_se", "kl",
+                                                             "ref_gold_mean")}, label
+    for key in ("gold", "gold_se", "kl", "ref_gold_mean"):
+      np.testing.assert_allclose(bon[key], dense_bon[key], rtol=RTOL, atol=ATOL, err_msg=(
+          f"{label}: bon.json {key} of the π_ref pool differs from the one-device pool"))
+  return result
+
+
+@pytest.mark.multidevice
+def test_sharded_evaluation_equals_one_device_on_8_devices(lab_root):
+  result = _check(_run_subprocess(lab_root))
+  specs = {c["preset"]: c["w_up_spec"] for c in result["cases"]}
+  assert specs == {"dp": ["sweep", None, None], "fsdp": ["sweep", "data", None],
+                   "fsdp_tp": ["sweep", "data", "model"]}, specs
+
+
+@pytest.mark.multidevice
+@pytest.mark.slow
+def test_sharded_evaluation_more_meshes_and_member_chunks(lab_root):
+  result = _check(_run_subprocess(lab_root, "--slow"))
+  assert len(result["cases"]) == 9
+  # Chunking only groups members: one-device results agree across member_chunk (3 pads the
+  # last chunk with π_ref copies, whose rows must be dropped, not mixed into members).
+  dense = result["dense"]
+  assert sorted(dense, key=int) == ["3", "4", "8"], sorted(dense)
+  for chunk in ("3", "4"):
+    for name, want in dense["8"]["metrics"].items():
+      np.testing.assert_allclose(dense[chunk]["metrics"][name], want, rtol=RTOL, atol=ATOL,
+                                 err_msg=f"{name} depends on member_chunk={chunk} on one device")
