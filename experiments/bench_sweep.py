@@ -1,8 +1,11 @@
-"""Benchmarks the vmapped GPO sweep step against sequential runs and HF TRL, and writes a markdown table.
+"""Benchmarks the GPO sweep step (two member layouts) against sequential runs and HF TRL, and writes a markdown table.
 
 For each sweep size K it measures, in one run on one machine:
 
-  (a) vectorised: one compiled ``gpo_jax.sweep`` step updating K members at once;
+  (a) CPU layout: one compiled ``gpo_jax.sweep`` step updating K members, the sweep axis
+      over one XLA:CPU device per core and each device looping over its own members (what
+      ``gpo_jax.main`` runs on a CPU);
+  (a') one vmap: the same step as a single vmap over all K members on one device;
   (b) sequential: the same K member configs run one after another (one compiled K=1 step
       reused for every member, since hyperparameters are traced);
   (c) TRL: HF TRL's ``DPOTrainer`` on a GPT-2 config of the same shape and the same pairs
