@@ -140,8 +140,11 @@ def test_offline_diagnostics_match_independent_log_probs(case):
     np.testing.assert_allclose(res["rho/mean"][m], (w - l_).mean(), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(res["offline_reg"][m], 0.5 * np.mean((w - l_) ** 2), rtol=1e-4,
                                atol=1e-6)
-    if m > 0:   # at m = 0 every margin is 0 up to rounding, so accuracy is a coin toss
+    if m > 0:   # the NumPy margins of m = 0 are 0 only up to rounding; the evaluator's exactly
       np.testing.assert_allclose(res["rewards/accuracies"][m], np.mean(w > l_), atol=1e-6)
+    else:       # π_ref's log-ratios come from the same forward as its own, so exactly 0
+      assert res["rewards/accuracies"][0] == 0.0 and res["rho/mean"][0] == 0.0, (
+          "a member equal to π_ref must have exactly zero offline margins and accuracy")
   np.testing.assert_allclose(res["beta_eff"], case["members"].beta_eff(), rtol=1e-6)
 
 
