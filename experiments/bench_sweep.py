@@ -293,7 +293,7 @@ class CompiledSteps:
     if k not in self._cache:
       mesh, state_sh, member_sh, rep, data = self._shardings(members)
       fn = sweep.make_train_step(self.wl.graphdef, self.wl.rest, self.families, self.tcfg,
-                                 self.wl.n_train, member_groups=mesh.shape[sharding_lib.SWEEP],
+                                 member_groups=mesh.shape[sharding_lib.SWEEP],
                                  member_chunk=self.chunk)
       jitted = jax.jit(fn, in_shardings=(state_sh, member_sh, rep),
                        out_shardings=(state_sh, member_sh), donate_argnums=0,

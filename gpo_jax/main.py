@@ -234,7 +234,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None 
   hp = _put(members.hparams(), member_sh)
   data = _put(sweep_lib.train_arrays(train_pairs), replicated)
   step_fn = jax.jit(
-      sweep_lib.make_train_step(graphdef, rest, members.families, tcfg, n_train,
+      sweep_lib.make_train_step(graphdef, rest, members.families, tcfg,
                                 member_groups=int(mesh.shape[sharding.SWEEP]),
                                 member_chunk=member_chunk(config)),
       in_shardings=(state_sh, member_sh, replicated),
@@ -285,7 +285,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None 
       state, metrics = step_fn(state, hp, data)
       last_train = metrics
       pending.append((step + 1, metrics))
-      if (step + 1) % config.train.log_every == 0 or (step + 1) % every == 0:
+      if (step + 1) % config.train.log_every == 0:
         flush_train()
       if ckpt.should_save(step + 1) or step + 1 == steps:
         flush_train()

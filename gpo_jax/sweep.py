@@ -359,7 +359,7 @@ def soft_targets(batch: Mapping[str, Array], gamma: Array) -> Array:
 
 
 def make_train_step(graphdef, rest, families: Sequence[Family], tcfg: TrainConfig,
-                    n_train: int, *, member_groups: int = 1, member_chunk: int | None = None,
+                    *, member_groups: int = 1, member_chunk: int | None = None,
                     on_trace: Callable[[], None] | None = None):
   """Builds the (unjitted) sweep train step.
 
@@ -368,7 +368,6 @@ def make_train_step(graphdef, rest, families: Sequence[Family], tcfg: TrainConfi
     rest: the policy's non-trainable state (usually empty), shared by all members.
     families: the family table that ``hparams["family_idx"]`` indexes.
     tcfg: optimizer and batch settings.
-    n_train: number of stored training pairs (the leading size of ``data``).
     member_groups, member_chunk: how members are laid out in the program
       (:func:`map_members`): ``member_chunk=None`` vmaps all members at once; otherwise
       the members form ``member_groups`` vmapped groups (one per shard of the sweep mesh
@@ -377,7 +376,7 @@ def make_train_step(graphdef, rest, families: Sequence[Family], tcfg: TrainConfi
 
   Returns:
     ``step(state, hparams, data) -> (state, metrics)``; ``data`` holds the training pairs
-    (``[n_train, ...]`` arrays from ``Lab.pairs("train")``), ``metrics`` ``[M]`` arrays:
+    (``[N, ...]`` arrays from ``Lab.pairs("train")``), ``metrics`` ``[M]`` arrays:
     ``loss``, ``grad_norm``, ``rho/mean``, ``rewards/{chosen,rejected,margins,
     accuracies}``, ``diverged``. Jit it with ``donate_argnums=0``.
   """

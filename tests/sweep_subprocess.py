@@ -37,7 +37,7 @@ def main_():
       ("exponential", 0.3, 3, 0.0), ("hinge", 2.0, 4, 0.0), ("logistic", 1.0, 5, 2.0),
       ("squared", 0.1, 6, 0.0), ("savage", 3.0, 7, 0.0))]
   members = ts._members(*rows)
-  fn = sweep.make_train_step(graphdef, rest, ts.TABLE, ts.TCFG, ts.N)
+  fn = sweep.make_train_step(graphdef, rest, ts.TABLE, ts.TCFG)
   dense, dense_loss = train(members, params, jax.jit(fn),
                             sweep.init_state(params, members, ts.TCFG))
   dense_leaves = [np.asarray(x) for x in jax.tree.leaves(dense["params"])]
@@ -56,7 +56,7 @@ def main_():
     leaves = jax.tree.leaves(state["params"])
     diff = max(float(np.max(np.abs(a - np.asarray(b)))) for a, b in zip(dense_leaves, leaves))
     # The CPU layout: each shard of the sweep axis loops over its own members.
-    looped_fn = sweep.make_train_step(graphdef, rest, ts.TABLE, ts.TCFG, ts.N,
+    looped_fn = sweep.make_train_step(graphdef, rest, ts.TABLE, ts.TCFG,
                                       member_groups=mesh.shape[sharding.SWEEP], member_chunk=1)
     looped_jit = jax.jit(looped_fn, in_shardings=(sh, member_sh, rep),
                          out_shardings=(sh, member_sh), donate_argnums=0)

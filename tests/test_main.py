@@ -155,3 +155,22 @@ def test_killed_and_resumed_run_is_bitwise_identical(full_run, tiny_config, tmp_
                   jax.tree.leaves(final_params(str(workdir)))):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y),
                                   err_msg="final state after resume is not bitwise equal")
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"sweep.seeds": (0, 1, 2), "sweep.lrs": (1e-4, 3e-4)},
+    {"sweep.gammas": (0.0, 1.0), "sweep.data_sizes": (64, 0)},
+])
+def test_member_count_from_config_equals_the_members_built(overrides):
+  # main.member_count sizes the CPU device count before JAX starts, so it cannot build
+  # the members; it must still count exactly what make_members builds.
+  for config in (_config(), _config("cpu_sweep.py")):
+    config.unlock()
+    for field, value in overrides.items():
+      section, key = field.split(".")
+      config[section][key] = value
+    members = main.members_from_config(config, n_train=config.lab.n_train_pairs)
+    assert main.member_count(config) == members.size, (
+        f"member_count={main.member_count(config)} but make_members built {members.size} "
+        f"members for {overrides}")

@@ -46,7 +46,7 @@ TCFG = sweep.TrainConfig(batch_size=BATCH, grad_clip=0.0)
 TRACES = []
 # One jitted step shared by every test (it retraces only for a new member count), which
 # also lets the recompilation test count traces of the real thing.
-STEP = jax.jit(sweep.make_train_step(SETUP[0], SETUP[2], TABLE, TCFG, N,
+STEP = jax.jit(sweep.make_train_step(SETUP[0], SETUP[2], TABLE, TCFG,
                                      on_trace=lambda: TRACES.append(1)), donate_argnums=0)
 
 
@@ -103,7 +103,7 @@ def test_looped_member_layouts_equal_the_vmapped_step(groups, chunk):
   # Four members: (1, 3) leaves a remainder chunk, (2, 2) vmaps inside each loop step.
   members = _members(*ROWS, ("hinge", 1.0, 2, 1e-2, 0.0, 40))
   want, want_hist = _run(members, steps=3)
-  looped = jax.jit(sweep.make_train_step(SETUP[0], SETUP[2], TABLE, TCFG, N,
+  looped = jax.jit(sweep.make_train_step(SETUP[0], SETUP[2], TABLE, TCFG,
                                          member_groups=groups, member_chunk=chunk),
                    donate_argnums=0)
   state = sweep.init_state(SETUP[1], members, TCFG)
