@@ -11,30 +11,23 @@ runtime: roughly 1-2 hours on a v4-256 / 256 H100s (not measured here: this mach
 no accelerator); the first run also builds the ``large`` lab (minutes on accelerators).
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
+from gpo_jax.run import presets
 
-def _cpu_sweep():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_sweep.py")
-  spec = importlib.util.spec_from_file_location("gpo_cpu_sweep_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+BETA_EFF_GRID = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Locked pod config; ``arg`` = ``"sweep,data,model"`` mesh sizes."""
   sweep_n, data_n, model_n = (int(v) for v in (arg or "32,8,1").split(","))
-  c = _cpu_sweep().get_config("large")
-  c.unlock()
-  c.sweep.seeds = tuple(range(8))
-  c.sweep.data_sizes = (8192, 0)      # a data-size axis: 8k pairs vs all 64k
+  c = presets.base("gpo", "large")
+  c.sweep = ml_collections.ConfigDict(dict(
+      families=presets.GPO_FAMILIES, beta_effs=BETA_EFF_GRID, betas=(),
+      seeds=tuple(range(8)), lrs=(3e-4,), gammas=(0.0,),
+      data_sizes=(8192, 0)))          # a data-size axis: 8k pairs vs all 64k
   # member_chunk=0: one wide vmap over each device's members (accelerators want big matmuls).
   c.train.update(dict(steps=5000, batch_size=256, warmup_steps=100, member_chunk=0))
-  c.sweep.lrs = (3e-4,)
   c.eval.update(dict(every=250, n_prompts=256, samples_per_prompt=8,
                      ref_samples_per_prompt=256, n_test_pairs=2048, member_chunk=16,
                      bon_n=(1, 2, 4, 8, 16, 32, 64, 128, 256)))

@@ -2,7 +2,7 @@
 
 For each sweep size K it measures, in one run on one machine:
 
-  (a) CPU layout: one compiled ``gpo_jax.sweep`` step updating K members, the sweep axis
+  (a) CPU layout: one compiled ``gpo_jax.engine.sweep`` step updating K members, the sweep axis
       over one XLA:CPU device per core and each device looping over its own members (what
       ``gpo_jax.main`` runs on a CPU);
   (a') one vmap: the same step as a single vmap over all K members on one device;
@@ -48,11 +48,14 @@ from flax import nnx
 
 from jax.sharding import NamedSharding, PartitionSpec
 
-from gpo_jax import cpu as cpu_lib
-from gpo_jax import main as main_lib
-from gpo_jax import model as model_lib
-from gpo_jax import sharding as sharding_lib
-from gpo_jax import sweep
+from gpo_jax.runtime import cpu as cpu_lib
+from gpo_jax.run import config as config_lib
+from gpo_jax.core import model as model_lib
+from gpo_jax.runtime import sharding as sharding_lib
+from gpo_jax.algorithms import gpo
+from gpo_jax.core import sequences
+from gpo_jax.engine import members as members_lib
+from gpo_jax.engine import program
 
 TRL_ENV = "GPO_BENCH_TRL_PYTHON"
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -228,7 +231,7 @@ def standin_workload(lab_cfg, seed: int = 0) -> Workload:
                   f"π_ref init, N={n}")
 
 
-def select_members(all_members: sweep.Members, k: int) -> sweep.Members:
+def select_members(all_members: members_lib.Members, k: int) -> members_lib.Members:
   """The first K configs of the sweep, taken round-robin over families so K=8 mixes them."""
   if k > all_members.size:
     raise SystemExit(f"K={k} exceeds the {all_members.size} members of the sweep config.")
@@ -253,7 +256,7 @@ class CompiledSteps:
   cost analysis describes exactly what ran.
   """
 
-  def __init__(self, wl: Workload, families, tcfg: sweep.TrainConfig, data: dict, *,
+  def __init__(self, wl: Workload, families, tcfg: program.TrainConfig, data: dict, *,
                devices=None, chunk: int | None = None, options: dict | None = None):
     self.wl, self.tcfg, self.families = wl, tcfg, families
     self.host_data = data
@@ -266,38 +269,36 @@ class CompiledSteps:
     d = max(n for n in range(1, len(self.devices) + 1) if k % n == 0)
     return sharding_lib.make_mesh({"sweep": d}, devices=self.devices[:d], num_members=k)
 
-  def _shardings(self, members: sweep.Members):
+  def _shardings(self, members: members_lib.Members):
     k = members.size
     if k not in self._placed:
       mesh = self.mesh(k)
-      init = lambda p: sweep.init_state(p, members, self.tcfg)  # noqa: E731
-      state_sh = main_lib.state_shardings(jax.eval_shape(init, self.wl.params), mesh, "dp")
+      init = lambda p: program.init_state(p, members, self.tcfg)  # noqa: E731
+      state_sh = program.state_shardings(jax.eval_shape(init, self.wl.params), mesh, "dp")
       member_sh = NamedSharding(mesh, PartitionSpec(sharding_lib.SWEEP))
       rep = NamedSharding(mesh, PartitionSpec())
       self._placed[k] = (mesh, state_sh, member_sh, rep, jax.device_put(self.host_data, rep))
     return self._placed[k]
 
-  def init(self, members: sweep.Members):
+  def init(self, members: members_lib.Members):
     _, state_sh, member_sh, _, _ = self._shardings(members)
-    state = jax.device_put(sweep.init_state(self.wl.params, members, self.tcfg), state_sh)
+    state = jax.device_put(program.init_state(self.wl.params, members, self.tcfg), state_sh)
     hp = jax.device_put(members.hparams(), member_sh)
     jax.block_until_ready((state, hp))
     return state, hp
 
-  def data(self, members: sweep.Members):
+  def data(self, members: members_lib.Members):
     return self._shardings(members)[4]
 
-  def get(self, members: sweep.Members):
+  def get(self, members: members_lib.Members):
     """``(compiled, cost, compile_s)`` for ``members.size`` members."""
     k = members.size
     if k not in self._cache:
       mesh, state_sh, member_sh, rep, data = self._shardings(members)
-      fn = sweep.make_train_step(self.wl.graphdef, self.wl.rest, self.families, self.tcfg,
-                                 member_groups=mesh.shape[sharding_lib.SWEEP],
-                                 member_chunk=self.chunk)
-      jitted = jax.jit(fn, in_shardings=(state_sh, member_sh, rep),
-                       out_shardings=(state_sh, member_sh), donate_argnums=0,
-                       compiler_options=self.options)
+      fn = program.make_train_step(
+          gpo.member_loss_fn(self.wl.graphdef, self.wl.rest, self.families, False), self.tcfg,
+          member_groups=mesh.shape[sharding_lib.SWEEP], member_chunk=self.chunk)
+      jitted = program.jit_train_step(fn, state_sh, mesh, compiler_options=self.options)
       state, hp = self.init(members)
       t0 = time.perf_counter()
       compiled = jitted.lower(state, hp, data).compile()
@@ -313,7 +314,7 @@ class CompiledSteps:
     return state
 
 
-def time_vectorised(steps: CompiledSteps, members: sweep.Members, block_s: float,
+def time_vectorised(steps: CompiledSteps, members: members_lib.Members, block_s: float,
                     repeats: int) -> dict:
   """Median over ``repeats`` blocks of the per-step time of the K-member step.
 
@@ -338,7 +339,7 @@ def time_vectorised(steps: CompiledSteps, members: sweep.Members, block_s: float
           "spread": (min(per_step), max(per_step))}
 
 
-def time_sequential(steps: CompiledSteps, members: sweep.Members, n_steps: int) -> dict:
+def time_sequential(steps: CompiledSteps, members: members_lib.Members, n_steps: int) -> dict:
   """The K configs one after another, each a fresh K=1 run of ``n_steps`` steps from π_ref.
 
   One compiled K=1 step serves every member (hyperparameters are traced), so compilation
@@ -444,7 +445,7 @@ def _hlo_kinds(hlo_text: str) -> dict[str, str]:
   return kinds
 
 
-def op_time_breakdown(steps: "CompiledSteps", members: sweep.Members, n_steps: int = 3) -> dict:
+def op_time_breakdown(steps: "CompiledSteps", members: members_lib.Members, n_steps: int = 3) -> dict:
   """Share of the step's summed op time by kind of work, from a ``jax.profiler`` trace.
 
   Durations of the executable's ops are summed over ``n_steps`` traced steps and grouped by
@@ -493,7 +494,7 @@ def make_trl_venv(path: str) -> str:
   return py
 
 
-def export_pairs(wl: Workload, n: int, tcfg: sweep.TrainConfig, beta: float, lr: float,
+def export_pairs(wl: Workload, n: int, tcfg: program.TrainConfig, beta: float, lr: float,
                  path: str) -> None:
   """Writes the first ``n`` training pairs and the policy shape for bench_trl.py."""
   c = wl.cfg
@@ -561,7 +562,7 @@ def render(res: dict) -> str:
       f"`mesh.cpu_devices=-1` gives one XLA:CPU device per core, `mesh.sweep=-1` puts the "
       f"sweep axis over them, `train.member_chunk=1` makes each device loop over its own "
       f"members); (a′) is one vmap over all members on one device (the accelerator layout, "
-      f"`member_chunk=0`). Both use `gpo_jax.cpu.compiler_options()`: {res['compiler_options']}. "
+      f"`member_chunk=0`). Both use `gpo_jax.runtime.cpu.compiler_options()`: {res['compiler_options']}. "
       f"XLA GFLOP/step is K × the cost analysis of the one-member step (XLA counts a loop "
       f"body once).",
       f"- **Timing:** (a), (a′) compile, 2 warm-up steps, then the median of {res['repeats']} blocks "
@@ -698,12 +699,12 @@ def main(argv=None) -> int:
 
   config = sweep_config(args.lab)
   wl = standin_workload(config.lab) if args.standin else lab_workload(config.lab, args.lab_dir)
-  tcfg = main_lib.train_config(config)
+  tcfg = config_lib.train_config(config)
   lr = float(config.sweep.lrs[0])
-  all_members = main_lib.members_from_config(config, n_train=wl.n_train)
+  all_members = config_lib.algorithm(config).members(config, n_train=wl.n_train)
   if len(set(all_members.lr)) != 1:
     raise SystemExit("the benchmark assumes one learning rate in the sweep config.")
-  data = sweep.train_arrays(wl.pairs)
+  data = sequences.pair_arrays(wl.pairs)
   n_seq, seq = 2 * tcfg.batch_size, wl.seq_len - 1
   fpt = model_lib.flops_per_token(wl.cfg, seq)
 
@@ -774,7 +775,7 @@ def main(argv=None) -> int:
   load_trl = load_avg()
 
   c = wl.cfg
-  fam_names = [sweep.family_name(f) for f in all_members.families]
+  fam_names = [gpo.family_name(f) for f in all_members.families]
   res = {
       "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
       "command": command,

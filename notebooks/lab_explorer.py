@@ -17,7 +17,7 @@
 #
 # A look inside a built lab (`gpo_jax.lab`): the reference policy π_ref, the gold reward
 # model and the preference data, against the synthetic corpus they come from
-# (`gpo_jax.corpus`).
+# (`gpo_jax.lab.corpus`).
 #
 # * gold score distribution under π_ref, and by latent style of the corpus;
 # * label noise: how often the Bradley–Terry labels agree with the gold ordering, against
@@ -42,9 +42,9 @@ from flax import nnx
 from IPython.display import display
 
 import gpo_jax
-from gpo_jax import corpus as corpus_lib
+from gpo_jax.lab import corpus as corpus_lib
 from gpo_jax import lab as lab_lib
-from gpo_jax import lab_build
+from gpo_jax.lab import steps as lab_build
 from gpo_jax.analysis import plots
 
 # gpo_jax.analysis.plots selects the Agg backend on import (it writes files); draw inline here.

@@ -16,7 +16,7 @@
 # # GPO theory on the exact tabular lab
 #
 # Every number here is an exact sum over `K` actions or `K x K` pairs
-# (`gpo_jax.tabular`), so nothing is sampled. Four checks of SPEC §1:
+# (`gpo_jax.lab.tabular`), so nothing is sampled. Four checks of SPEC §1:
 #
 # 1. **Population minimisers with soft labels**: minimising `p f(z) + (1-p) f(-z)` gives
 #    `z* = logit p` (logistic, savage), `½ logit p` (exponential), `2p − 1` (squared,
@@ -41,7 +41,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from gpo_jax import losses, tabular
+from gpo_jax.objectives import losses
+from gpo_jax.lab import tabular
 from gpo_jax.analysis import plots
 
 # gpo_jax.analysis.plots selects the Agg backend on import (it writes files); draw inline here.
@@ -159,7 +160,7 @@ pd.DataFrame({name: {"offline_reg": float(run.trajectory["offline_reg"][-1]),
 # temperature 2). For each family and each `β`, train to the optimum and record the exact
 # KL. The Taylor view says the minimiser of `f(0) + f'(0)(2p−1)z + ½f''(0)z²` is
 # `ρ* = (2p − 1)/beta_eff`, so the KL reached should depend on `β` only through
-# `beta_eff = β f''(0)/|f'(0)|` (`gpo_jax.losses.beta_eff`). Hinge has `f''(0) = 0` and is
+# `beta_eff = β f''(0)/|f'(0)|` (`gpo_jax.objectives.losses.beta_eff`). Hinge has `f''(0) = 0` and is
 # drawn only in the left panel.
 
 # %%

@@ -8,7 +8,7 @@ import pathlib
 
 import numpy as np
 
-from gpo_jax import bon
+from gpo_jax.evaluation import bon
 
 # f''(0)/|f'(0)| per family (SPEC §1); beta_eff = beta * this.
 CURVATURE = {"logistic": 0.5, "hinge": 0.0, "squared": 1.0, "exponential": 1.0,

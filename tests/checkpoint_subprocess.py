@@ -11,7 +11,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from gpo_jax import checkpoint, sharding as sh
+from gpo_jax.runtime import checkpoint, sharding as sh
 
 
 def init(key):

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gpo_jax import checkpoint, distributed, sharding as sh
+from gpo_jax.runtime import checkpoint, distributed, sharding as sh
 
 MEMBERS, BATCH, DIM, STEPS_BEFORE, STEPS_AFTER = 2, 8, 4, 3, 2
 

@@ -6,7 +6,7 @@ built under ``LAB_ROOT`` (the parent test builds it). Prints one JSON object (la
 
 The same stacked member parameters (π_ref perturbed by a different amount per member, held
 on the host) are evaluated once with every array on one device and no shardings, and once per
-mesh the way ``gpo_jax.main.run`` does it: member parameters placed with the state shardings
+mesh the way ``gpo_jax.run.loop.run`` does it: member parameters placed with the state shardings
 of the preset, hyperparameters over ``sweep``, evaluator constants replicated.
 """
 
@@ -19,14 +19,16 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 import lab_fixture
-from gpo_jax import evaluation
+from gpo_jax.evaluation import policy as evaluation
 from gpo_jax import lab as lab_lib
-from gpo_jax import main
-from gpo_jax import sharding
-from gpo_jax import sweep
+from gpo_jax.runtime import distributed
+from gpo_jax.runtime import sharding
+from gpo_jax.algorithms import gpo
+from gpo_jax.engine.members import Members
+from gpo_jax.engine import program
 
 STEP = 7
-# (mesh, preset, member_chunk) as main.run would get them from a config.
+# (mesh, preset, member_chunk) as the run loop would get them from a config.
 CASES = (({"sweep": 8}, "dp", 8), ({"sweep": 2, "data": 4}, "fsdp", 8),
          ({"sweep": 2, "data": 2, "model": 2}, "fsdp_tp", 8))
 # member_chunk < members makes lax.map loop over chunks of the sweep-sharded member axis (3
@@ -44,9 +46,9 @@ def _ecfg(member_chunk: int) -> evaluation.EvalConfig:
                                seed=3)
 
 
-def _members(n_train: int) -> sweep.Members:
+def _members(n_train: int) -> Members:
   # Two seeds: members 2k and 2k+1 differ in seed, so sampling keys differ across members too.
-  return sweep.make_members(["logistic", "squared"], [0.1, 0.5], seeds=(0, 1),
+  return gpo.make_members(["logistic", "squared"], [0.1, 0.5], seeds=(0, 1),
                             n_train=n_train, batch_size=8)
 
 
@@ -73,7 +75,7 @@ def _place(leaves, treedef, shardings):
 
 
 def _evaluate(lab, graphdef, rest, members, params_M, hp, sharding_, member_chunk):
-  ev = evaluation.Evaluator.from_lab(lab, graphdef, rest, members.families,
+  ev = evaluation.Evaluator.from_lab(lab, graphdef, rest,
                                      _ecfg(member_chunk), sharding=sharding_)
   bon = ev.reference()
   res = ev(params_M, hp, STEP)
@@ -88,7 +90,7 @@ def main_():
   members = _members(n_train)
   m = members.size
   graphdef, params, rest = nnx.split(lab.policy(), nnx.Param, ...)
-  treedef = jax.tree.structure(sweep.stack(params, m))
+  treedef = jax.tree.structure(program.stack(params, m))
   host = _perturbed(params, m)
   hp_host = {k: np.asarray(v) for k, v in members.hparams().items()}
 
@@ -102,20 +104,20 @@ def main_():
     dense[chunk] = {"bon": bon, "metrics": res}
 
   result = {"devices": jax.device_count(), "members": m, "dense": dense, "cases": []}
-  tcfg = sweep.TrainConfig(batch_size=8)
+  tcfg = program.TrainConfig(batch_size=8)
   for mesh_cfg, preset, chunk in cases:
     mesh = sharding.make_mesh(mesh_cfg, num_members=m, batch_size=tcfg.batch_size)
     replicated = NamedSharding(mesh, PartitionSpec())
     member_sh = NamedSharding(mesh, PartitionSpec(sharding.SWEEP))
-    # The shardings main.run gives the stacked parameters (from the sweep state's abstract).
-    init_fn = lambda p: sweep.init_state(p, members, tcfg)  # noqa: E731
-    abstract = jax.eval_shape(init_fn, main._put(params, replicated))
-    params_sh = main.state_shardings(abstract, mesh, preset)["params"]
+    # The shardings the run loop gives the stacked parameters (from the sweep state's abstract).
+    init_fn = lambda p: program.init_state(p, members, tcfg)  # noqa: E731
+    abstract = jax.eval_shape(init_fn, distributed.put(params, replicated))
+    params_sh = program.state_shardings(abstract, mesh, preset)["params"]
     params_M = _place(host, treedef, params_sh)
     placed_equal = all(np.array_equal(np.asarray(a), b)
                        for a, b in zip(jax.tree.leaves(params_M), host))
     bon, res = _evaluate(lab, graphdef, rest, members, params_M,
-                         main._put(hp_host, member_sh), replicated, chunk)
+                         distributed.put(hp_host, member_sh), replicated, chunk)
     w_up = params_M["decoder"]["blocks"][0]["w_up"][...]
     result["cases"].append({
         "mesh": dict(mesh.shape), "preset": preset, "member_chunk": chunk,

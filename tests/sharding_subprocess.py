@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gpo_jax import sharding as sh
+from gpo_jax.runtime import sharding as sh
 
 
 class MLP(nnx.Module):

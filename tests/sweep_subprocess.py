@@ -11,9 +11,10 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 import test_sweep as ts
-from gpo_jax import main
-from gpo_jax import sharding
-from gpo_jax import sweep
+from gpo_jax.runtime import sharding
+from gpo_jax.algorithms import gpo
+from gpo_jax.core import sequences
+from gpo_jax.engine import program
 
 STEPS = 3
 CASES = (({"sweep": 8}, "dp"), ({"sweep": 2, "data": 4}, "fsdp"),
@@ -21,7 +22,7 @@ CASES = (({"sweep": 8}, "dp"), ({"sweep": 2, "data": 4}, "fsdp"),
 
 
 def train(members, params, step_fn, state):
-  data = sweep.train_arrays(ts.SETUP[3])
+  data = sequences.pair_arrays(ts.SETUP[3])
   hp = members.hparams()
   losses = []
   for _ in range(STEPS):
@@ -37,17 +38,17 @@ def main_():
       ("exponential", 0.3, 3, 0.0), ("hinge", 2.0, 4, 0.0), ("logistic", 1.0, 5, 2.0),
       ("squared", 0.1, 6, 0.0), ("savage", 3.0, 7, 0.0))]
   members = ts._members(*rows)
-  fn = sweep.make_train_step(graphdef, rest, ts.TABLE, ts.TCFG)
+  fn = program.make_train_step(gpo.member_loss_fn(graphdef, rest, ts.TABLE, False), ts.TCFG)
   dense, dense_loss = train(members, params, jax.jit(fn),
-                            sweep.init_state(params, members, ts.TCFG))
+                            program.init_state(params, members, ts.TCFG))
   dense_leaves = [np.asarray(x) for x in jax.tree.leaves(dense["params"])]
   moved = max(float(np.max(np.abs(a - np.asarray(b)))) for a, b in
-              zip(dense_leaves, jax.tree.leaves(sweep.stack(params, members.size))))
+              zip(dense_leaves, jax.tree.leaves(program.stack(params, members.size))))
   out = {"devices": jax.device_count(), "train_delta": moved, "cases": []}
   for mesh_cfg, preset in CASES:
     mesh = sharding.make_mesh(mesh_cfg, num_members=members.size, batch_size=ts.BATCH)
-    init = lambda p: sweep.init_state(p, members, ts.TCFG)  # noqa: E731
-    sh = main.state_shardings(jax.eval_shape(init, params), mesh, preset)
+    init = lambda p: program.init_state(p, members, ts.TCFG)  # noqa: E731
+    sh = program.state_shardings(jax.eval_shape(init, params), mesh, preset)
     member_sh = NamedSharding(mesh, PartitionSpec(sharding.SWEEP))
     rep = NamedSharding(mesh, PartitionSpec())
     step_fn = jax.jit(fn, in_shardings=(sh, member_sh, rep), out_shardings=(sh, member_sh),
@@ -56,13 +57,13 @@ def main_():
     leaves = jax.tree.leaves(state["params"])
     diff = max(float(np.max(np.abs(a - np.asarray(b)))) for a, b in zip(dense_leaves, leaves))
     # The CPU layout: each shard of the sweep axis loops over its own members.
-    looped_fn = sweep.make_train_step(graphdef, rest, ts.TABLE, ts.TCFG,
+    looped_fn = program.make_train_step(gpo.member_loss_fn(graphdef, rest, ts.TABLE, False), ts.TCFG,
                                       member_groups=mesh.shape[sharding.SWEEP], member_chunk=1)
     looped_jit = jax.jit(looped_fn, in_shardings=(sh, member_sh, rep),
                          out_shardings=(sh, member_sh), donate_argnums=0)
     init_state = jax.jit(init, out_shardings=sh)(params)
     hlo = looped_jit.lower(init_state, members.hparams(),
-                           sweep.train_arrays(ts.SETUP[3])).compile().as_text()
+                           sequences.pair_arrays(ts.SETUP[3])).compile().as_text()
     lstate, lloss = train(members, params, looped_jit, init_state)
     ldiff = max(float(np.max(np.abs(a - np.asarray(b))))
                 for a, b in zip(dense_leaves, jax.tree.leaves(lstate["params"])))

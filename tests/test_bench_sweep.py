@@ -11,8 +11,9 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments"))
 import bench_sweep  # noqa: E402
 
-from gpo_jax import model as model_lib  # noqa: E402
-from gpo_jax import sweep  # noqa: E402
+from gpo_jax.algorithms import gpo  # noqa: E402
+
+from gpo_jax.core import model as model_lib  # noqa: E402
 
 
 @pytest.mark.parametrize("shape", [(48, 64, 3, 4, 256), (96, 128, 2, 8, 512), (11, 30, 1, 3, 7)])
@@ -55,7 +56,7 @@ def test_hlo_kinds_separates_matmul_sort_and_elementwise():
 
 
 def test_select_members_round_robin_over_families():
-  members = sweep.make_members(["logistic", "hinge", "squared"],
+  members = gpo.make_members(["logistic", "hinge", "squared"],
                                {"logistic": (0.1, 0.2), "hinge": (1.0, 2.0), "squared": (0.5, 1.5)},
                                n_train=64, batch_size=8)
   first4 = bench_sweep.select_members(members, 4)

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from gpo_jax import bon
+from gpo_jax.evaluation import bon
 
 
 @pytest.mark.parametrize("n,expected", [(1, 0.0), (2, 0.1931), (4, 0.6363), (16, 1.8351), (64, 3.1745)])

@@ -1,11 +1,8 @@
-"""Tests for gpo_jax.checkpoint: bit-exact round trips, keep-last-k, corrupt fallback, mesh change."""
+"""Tests for gpo_jax.runtime.checkpoint: bit-exact round trips, keep-last-k, corrupt fallback, mesh change."""
 
 import json
 import logging
-import os
 import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,9 +10,9 @@ import numpy as np
 import optax
 import pytest
 
-from gpo_jax import checkpoint
+from gpo_jax.runtime import checkpoint
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+import multidevice
 
 
 def _state(seed):
@@ -144,13 +141,7 @@ def test_bad_arguments_raise():
 
 @pytest.mark.multidevice
 def test_restore_onto_a_different_mesh(tmp_path):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-  proc = subprocess.run([sys.executable, str(REPO / "tests" / "checkpoint_subprocess.py"),
-                         str(tmp_path / "ck")], env=env, capture_output=True, text=True,
-                        timeout=900)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  out = json.loads(proc.stdout)
+  out = multidevice.run_json("checkpoint_subprocess.py", tmp_path / "ck", timeout=900)
   assert out["step"] == 7 and out["metadata"] == {"data_index": 123}
   assert out["bitwise_equal"], "state restored on a 4x2x1 mesh differs from the 2x2x2 original"
   assert out["rng_equal"]

@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from gpo_jax import corpus as C
+from gpo_jax.lab import corpus as C
 
 
 @pytest.fixture(scope="module")

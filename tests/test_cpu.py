@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gpo_jax import cpu
+from gpo_jax.runtime import cpu
 
 
 @pytest.mark.parametrize("requested, members, cores, want", [
@@ -36,7 +36,7 @@ def test_device_count_for_names_bad_settings(bad):
 
 def test_configure_devices_in_a_fresh_process_sets_the_count():
   # JAX fixes its device count when the backend starts, so this needs its own process.
-  code = ("from gpo_jax import cpu; import jax; n = cpu.configure_devices(3, 6); "
+  code = ("from gpo_jax.runtime import cpu; import jax; n = cpu.configure_devices(3, 6); "
           "print(n, len(jax.devices()))")
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["JAX_PLATFORMS"] = "cpu"

@@ -1,8 +1,6 @@
-"""Tests for gpo_jax.distributed: two real processes on localhost equal one process with 4 devices."""
+"""Tests for gpo_jax.runtime.distributed: two real processes on localhost equal one process with 4 devices."""
 
 import json
-import os
-import pathlib
 import socket
 import subprocess
 import sys
@@ -12,23 +10,17 @@ import ml_collections
 import numpy as np
 import pytest
 
-from gpo_jax import distributed
+from gpo_jax.runtime import distributed
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "tests" / "distributed_subprocess.py"
+import multidevice
+
+SCRIPT = multidevice.TESTS / "distributed_subprocess.py"
 
 
 def _free_port():
   with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
-
-
-def _env(devices):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-  env.pop("JAX_NUM_CPU_DEVICES", None)
-  return env
 
 
 def _numpy_reference():
@@ -71,10 +63,10 @@ def test_process_slice_follows_the_sharding():
 def test_two_processes_equal_one_process(tmp_path):
   port = _free_port()
   single = subprocess.Popen([sys.executable, str(SCRIPT), "single", str(tmp_path)],
-                            env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                            env=multidevice.env(4), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
   multi = [subprocess.Popen([sys.executable, str(SCRIPT), "multi", str(tmp_path), str(port),
-                             str(i)], env=_env(2), stdout=subprocess.PIPE,
+                             str(i)], env=multidevice.env(2), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True) for i in range(2)]
   logs = []
   try:

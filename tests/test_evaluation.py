@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gpo_jax import evaluation
-from gpo_jax import model as model_lib
-from gpo_jax import sweep
+from gpo_jax.evaluation import policy as evaluation
+from gpo_jax.core import model as model_lib
+from gpo_jax.algorithms import gpo
+from gpo_jax.engine import program
 
 P, V = 4, 10
 E, N_PER, N_REF, N_TEST = 8, 96, 16, 24
@@ -53,10 +54,10 @@ def case():
   test = dict(prompt=test_prompt, chosen=chosen, rejected=rejected, chosen_mask=ones,
               rejected_mask=ones, ref_chosen_logps=lp(chosen), ref_rejected_logps=lp(rejected),
               gold_chosen=np.zeros(N_TEST, np.float32), gold_rejected=np.zeros(N_TEST, np.float32))
-  members = sweep.make_members(["logistic", "squared"], [0.5], seeds=(0, 1), n_train=8,
+  members = gpo.make_members(["logistic", "squared"], [0.5], seeds=(0, 1), n_train=8,
                                batch_size=1)
   # Member 0 is π_ref itself (step 0); the others are π_ref with Gaussian perturbations.
-  stacked = sweep.stack(ref, members.size)
+  stacked = program.stack(ref, members.size)
   keys = jax.random.split(jax.random.key(42), members.size)
   scale = jnp.asarray([0.0, 0.3, 0.6, 1.0])
 
@@ -70,7 +71,7 @@ def case():
   ev = evaluation.Evaluator(
       graphdef=graphdef, rest=rest, ref_params=ref, gold_graphdef=gold_graphdef,
       gold_state=gold_state, gold_mean=0.3, gold_std=2.0, eval_prompts=eval_prompts,
-      test_pairs=test, families=members.families,
+      test_pairs=test,
       ecfg=evaluation.EvalConfig(n_prompts=E, samples_per_prompt=N_PER,
                                  ref_samples_per_prompt=N_REF, n_test_pairs=0, member_chunk=2,
                                  bon_n=(1, 2, 4, 16)))
@@ -145,7 +146,7 @@ def test_offline_diagnostics_match_independent_log_probs(case):
     else:       # π_ref's log-ratios come from the same forward as its own, so exactly 0
       assert res["rewards/accuracies"][0] == 0.0 and res["rho/mean"][0] == 0.0, (
           "a member equal to π_ref must have exactly zero offline margins and accuracy")
-  np.testing.assert_allclose(res["beta_eff"], case["members"].beta_eff(), rtol=1e-6)
+  np.testing.assert_allclose(res["beta_eff"], gpo.beta_eff(case["members"]), rtol=1e-6)
 
 
 def test_best_of_n_baseline(case):

@@ -1,17 +1,10 @@
 """Evaluator on 8 simulated devices (dp, fsdp, fsdp_tp meshes as main.py builds) equals one device."""
 
-import json
-import os
-import pathlib
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
 import lab_fixture
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
+import multidevice
 
 # Sampled tokens are identical on every mesh (checked once against the sampler directly: all
 # 8 members x 32 samples x 12 tokens equal on the six meshes of the subprocess), and so are
@@ -40,13 +33,7 @@ def lab_root(tmp_path_factory):
 
 
 def _run_subprocess(lab_root, *flags):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu", PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests'}")
-  proc = subprocess.run([sys.executable, str(REPO / "tests" / "evaluation_subprocess.py"),
-                         str(lab_root), *flags], env=env, capture_output=True, text=True,
-                        timeout=1800)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  return multidevice.run_json("evaluation_subprocess.py", lab_root, *flags, timeout=1800)
 
 
 def _check(result):

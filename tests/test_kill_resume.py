@@ -29,7 +29,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import lab_fixture
-from gpo_jax import main
+from gpo_jax.run import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "configs/tiny_sweep.py"
@@ -281,7 +281,7 @@ def test_manifest_survives_a_kill_while_it_is_rewritten(tmp_path, monkeypatch):
   lab = types.SimpleNamespace(path=str(tmp_path / "lab"), cfg=types.SimpleNamespace(
       config_hash=lambda: "0123456789ab", name="tiny"))
   args = (lab, types.SimpleNamespace(shape={"sweep": 1}), types.SimpleNamespace(size=4))
-  main._write_manifest(str(tmp_path), *args, 0, STEPS, 1.0, "best")
+  loop.write_manifest(str(tmp_path), *args, 0, STEPS, 1.0, "best")
   with open(tmp_path / "manifest.json") as f:
     before = f.read()
   real_dump = json.dump
@@ -293,15 +293,15 @@ def test_manifest_survives_a_kill_while_it_is_rewritten(tmp_path, monkeypatch):
     fp.flush()
     raise KeyboardInterrupt("simulated SIGKILL in the middle of the manifest write")
 
-  monkeypatch.setattr(main.json, "dump", dying_dump)
+  monkeypatch.setattr(loop.json, "dump", dying_dump)
   with pytest.raises(KeyboardInterrupt):
-    main._write_manifest(str(tmp_path), *args, STEPS, STEPS, 2.0, "best")
+    loop.write_manifest(str(tmp_path), *args, STEPS, STEPS, 2.0, "best")
   monkeypatch.undo()
   with open(tmp_path / "manifest.json") as f:
     after = f.read()
   assert after == before, ("a run killed while rewriting manifest.json left it torn; every "
                            "later rerun of this workdir fails to parse it")
-  main._write_manifest(str(tmp_path), *args, STEPS, STEPS, 2.0, "best")
+  loop.write_manifest(str(tmp_path), *args, STEPS, STEPS, 2.0, "best")
   with open(tmp_path / "manifest.json") as f:
     segments = json.load(f)["segments"]
   assert [s["start_step"] for s in segments] == [0, STEPS], segments

@@ -13,9 +13,13 @@ import jax
 import numpy as np
 import pytest
 
-from gpo_jax import corpus as corpus_lib
+from gpo_jax.lab import corpus as corpus_lib
 from gpo_jax import lab as lab_lib
-from gpo_jax import lab_build
+from gpo_jax.lab import builder as lab_builder
+from gpo_jax.lab import store as lab_store
+from gpo_jax.lab import steps as lab_build
+
+# The module, not the function ``build`` that ``gpo_jax.lab`` re-exports under the same name.
 
 import lab_fixture
 
@@ -287,8 +291,8 @@ def test_build_or_load_builds_once_under_concurrency(tmp_path, monkeypatch):
       raise lab_lib.LabError("incomplete")
     return path
 
-  monkeypatch.setattr(lab_lib, "build", fake_build)
-  monkeypatch.setattr(lab_lib, "load_lab", fake_load)
+  monkeypatch.setattr(lab_builder, "build", fake_build)
+  monkeypatch.setattr(lab_store, "load_lab", fake_load)
   results = []
   threads = [threading.Thread(target=lambda: results.append(
       lab_lib.build_or_load(cfg, str(tmp_path), log=lambda m: None))) for _ in range(3)]

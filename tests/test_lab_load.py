@@ -10,6 +10,10 @@ import orbax.checkpoint as ocp
 import pytest
 
 from gpo_jax import lab as lab_lib
+from gpo_jax.lab import builder as lab_builder
+from gpo_jax.lab import store as lab_store
+
+# The module, not the function ``build`` that ``gpo_jax.lab`` re-exports under the same name.
 
 import lab_fixture
 
@@ -38,7 +42,7 @@ def fake_build(tiny_lab, monkeypatch):
     shutil.copytree(tiny_lab.path, out_dir)
     return {}
 
-  monkeypatch.setattr(lab_lib, "build", build)
+  monkeypatch.setattr(lab_builder, "build", build)
   return calls
 
 
@@ -92,7 +96,7 @@ def test_flipped_weights_byte_is_caught_by_checksum_before_any_restore(work, mon
   _, path = work
   _flip_byte(_largest_weights_file(path))
   restored = []
-  monkeypatch.setattr(lab_lib, "_restore_state", lambda *a: restored.append(a))
+  monkeypatch.setattr(lab_store, "_restore_state", lambda *a: restored.append(a))
   with pytest.raises(lab_lib.LabCorruptError, match=r"checksum mismatch.*policy/ocdbt"):
     lab_lib.load_lab(path)
   assert not restored, "orbax was asked to deserialise weights before their checksums passed"
@@ -206,7 +210,7 @@ def test_io_error_while_verifying_checksums_is_not_corruption(work, fake_build, 
   def failing_sha256(file):
     raise OSError(errno.EIO, "Input/output error", file)
 
-  monkeypatch.setattr(lab_lib, "_sha256", failing_sha256)
+  monkeypatch.setattr(lab_store, "_sha256", failing_sha256)
   with pytest.raises(OSError, match="Input/output error") as info:
     lab_lib.build_or_load(lab_fixture.tiny_config(), workdir, log=lambda m: None)
   assert not isinstance(info.value, lab_lib.LabError)

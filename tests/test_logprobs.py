@@ -1,11 +1,11 @@
-"""Tests for gpo_jax.logprobs against independent NumPy references and closed forms."""
+"""Tests for gpo_jax.core.logprobs against independent NumPy references and closed forms."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gpo_jax import logprobs as lp
+from gpo_jax.core import logprobs as lp
 
 
 def _np_log_softmax(x):

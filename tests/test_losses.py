@@ -1,4 +1,4 @@
-"""Tests for gpo_jax.losses and gpo_jax.calibration against closed forms and NumPy references."""
+"""Tests for gpo_jax.objectives.losses and gpo_jax.objectives.calibration against closed forms and NumPy references."""
 
 import math
 
@@ -9,8 +9,8 @@ import pytest
 from jax.test_util import check_grads
 from scipy import optimize, special
 
-from gpo_jax import calibration
-from gpo_jax import losses as L
+from gpo_jax.objectives import calibration
+from gpo_jax.objectives import losses as L
 
 NAMES = sorted(L.GPO_FUNCTIONS)
 

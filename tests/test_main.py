@@ -13,8 +13,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 import lab_fixture
-from gpo_jax import checkpoint as ckpt_lib
-from gpo_jax import main
+from gpo_jax.runtime import checkpoint as ckpt_lib
+from gpo_jax.run import config as config_lib
+from gpo_jax.run import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROW_KEYS = (
@@ -32,7 +33,7 @@ def _config(name="tiny_sweep.py", arg=None):
 
 
 def _run(config, workdir, **kw):
-  return main.run(config, str(workdir), log=lambda *_: None, progress=False, **kw)
+  return loop.run(config, str(workdir), log=lambda *_: None, progress=False, **kw)
 
 
 def _rows(workdir):
@@ -72,7 +73,7 @@ def test_batch_not_divisible_by_data_axis_is_rejected():
   config.mesh.data = 2
   config.train.batch_size = 7
   with pytest.raises(ValueError, match="Batch size 7"):
-    main.validate_config(config, num_devices=2)
+    config_lib.validate(config, num_devices=2)
 
 
 def test_cli_rejects_misspelt_override(tmp_path):
@@ -170,7 +171,7 @@ def test_member_count_from_config_equals_the_members_built(overrides):
     for field, value in overrides.items():
       section, key = field.split(".")
       config[section][key] = value
-    members = main.members_from_config(config, n_train=config.lab.n_train_pairs)
-    assert main.member_count(config) == members.size, (
-        f"member_count={main.member_count(config)} but make_members built {members.size} "
+    members = config_lib.algorithm(config).members(config, n_train=config.lab.n_train_pairs)
+    assert config_lib.member_count(config) == members.size, (
+        f"member_count={config_lib.member_count(config)} but make_members built {members.size} "
         f"members for {overrides}")

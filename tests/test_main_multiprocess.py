@@ -9,8 +9,9 @@ import sys
 import pytest
 
 import lab_fixture
+import multidevice
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = str(multidevice.REPO)
 _RTOL = 1e-5
 
 
@@ -24,13 +25,6 @@ def _cmd(workdir, lab_root, extra=()):
   return [sys.executable, "-m", "gpo_jax.main", "--config", "configs/tiny_sweep.py",
           f"--config.lab_root={lab_root}", "--config.mesh.sweep=2", "--workdir", str(workdir),
           *extra]
-
-
-def _env(devices):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-  env.pop("JAX_NUM_CPU_DEVICES", None)
-  return env
 
 
 def _rows(workdir):
@@ -53,14 +47,14 @@ def test_two_process_sweep_equals_one_process(tmp_path):
   single = tmp_path / "single"
   multi = tmp_path / "multi"
   port = _free_port()
-  procs = [subprocess.Popen(_cmd(single, lab_root), cwd=REPO, env=_env(2),
+  procs = [subprocess.Popen(_cmd(single, lab_root), cwd=REPO, env=multidevice.env(2),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
   procs += [subprocess.Popen(
       _cmd(multi, lab_root, ["--config.distributed.enabled=True",
                              f"--config.distributed.coordinator_address=localhost:{port}",
                              "--config.distributed.num_processes=2",
                              f"--config.distributed.process_id={i}"]),
-      cwd=REPO, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      cwd=REPO, env=multidevice.env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
       for i in range(2)]
   logs = []
   try:

@@ -1,4 +1,4 @@
-"""Tests for gpo_jax.model: causality, shapes, reward model reads, parameter and FLOP counts."""
+"""Tests for gpo_jax.core.model: causality, shapes, reward model reads, parameter and FLOP counts."""
 
 import dataclasses
 import math
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gpo_jax import model as gm
+from gpo_jax.core import model as gm
 
 # Square weight shapes keep the number of distinct XLA compilations (the main test cost) small.
 CFG = gm.TransformerConfig(vocab_size=8, d_model=8, n_layers=2, n_heads=2, d_ff=8, max_len=8)

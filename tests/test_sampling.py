@@ -1,4 +1,4 @@
-"""Tests for gpo_jax.sampling: KV-cache exactness, sampling distributions (chi-square), filters, vmap."""
+"""Tests for gpo_jax.core.sampling: KV-cache exactness, sampling distributions (chi-square), filters, vmap."""
 
 import jax
 import jax.numpy as jnp
@@ -7,8 +7,8 @@ import pytest
 from flax import nnx
 from scipy import stats
 
-from gpo_jax import model as gm
-from gpo_jax import sampling as gs
+from gpo_jax.core import model as gm
+from gpo_jax.core import sampling as gs
 
 # Same shapes as tests/test_model.py so compiled initialisers are reused within one session.
 CFG = gm.TransformerConfig(vocab_size=8, d_model=8, n_layers=2, n_heads=2, d_ff=8, max_len=8)

@@ -1,10 +1,4 @@
-"""Tests for gpo_jax.sharding: presets, mesh validation, and sharded-equals-dense training."""
-
-import json
-import os
-import pathlib
-import subprocess
-import sys
+"""Tests for gpo_jax.runtime.sharding: presets, mesh validation, and sharded-equals-dense training."""
 
 import jax
 import jax.numpy as jnp
@@ -12,9 +6,9 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from gpo_jax import sharding as sh
+from gpo_jax.runtime import sharding as sh
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+import multidevice
 
 
 def test_presets_map_logical_axes_as_documented():
@@ -112,12 +106,7 @@ def test_replication_is_zero_without_inner_devices():
 
 @pytest.mark.multidevice
 def test_sharded_training_equals_dense_on_8_devices():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-  proc = subprocess.run([sys.executable, str(REPO / "tests" / "sharding_subprocess.py")],
-                        env=env, capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  result = json.loads(proc.stdout)
+  result = multidevice.run_json("sharding_subprocess.py", timeout=900)
 
   for case in result["cases"]:
     label = f"{case['preset']} on {case['mesh']}"

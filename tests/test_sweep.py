@@ -1,14 +1,20 @@
 """Tests of the vmapped sweep train step: member isolation, no recompilation, divergence, data order."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from gpo_jax import losses
-from gpo_jax import model as model_lib
-from gpo_jax import sweep
+from gpo_jax.objectives import losses
+from gpo_jax.core import model as model_lib
+from gpo_jax.algorithms import gpo
+from gpo_jax.core import sequences
+from gpo_jax.engine import data as data_lib
+from gpo_jax.engine import program
+
+import multidevice
 
 P, T, V, N = 4, 5, 12, 48
 BATCH = 8
@@ -42,28 +48,23 @@ def _setup():
 
 SETUP = _setup()
 TABLE = ("logistic", "squared", "savage", "exponential", "hinge")
-TCFG = sweep.TrainConfig(batch_size=BATCH, grad_clip=0.0)
+TCFG = program.TrainConfig(batch_size=BATCH, grad_clip=0.0)
 TRACES = []
 # One jitted step shared by every test (it retraces only for a new member count), which
 # also lets the recompilation test count traces of the real thing.
-STEP = jax.jit(sweep.make_train_step(SETUP[0], SETUP[2], TABLE, TCFG,
+STEP = jax.jit(program.make_train_step(gpo.member_loss_fn(SETUP[0], SETUP[2], TABLE, False), TCFG,
                                      on_trace=lambda: TRACES.append(1)), donate_argnums=0)
 
 
 def _members(*rows):
   """Members from (family, beta, seed, lr, gamma, data_size) rows over the shared table."""
-  cols = list(zip(*rows))
-  return sweep.Members(
-      families=TABLE, family_idx=np.asarray([TABLE.index(f) for f in cols[0]], np.int32),
-      beta=np.asarray(cols[1], np.float32), seed=np.asarray(cols[2], np.int32),
-      lr=np.asarray(cols[3], np.float32), gamma=np.asarray(cols[4], np.float32),
-      data_size=np.asarray(cols[5], np.int32))
+  return gpo.from_rows(TABLE, rows)
 
 
 def _run(members, steps, pairs=None, hparams=None):
   _, params, _, default_pairs, _ = SETUP
-  state = sweep.init_state(params, members, TCFG)
-  data = sweep.train_arrays(default_pairs if pairs is None else pairs)
+  state = program.init_state(params, members, TCFG)
+  data = sequences.pair_arrays(default_pairs if pairs is None else pairs)
   hp = members.hparams() if hparams is None else hparams
   history = []
   for _ in range(steps):
@@ -90,11 +91,12 @@ def test_member_equals_same_configuration_trained_alone():
   state, hist = _run(members, steps=3)
   for j in (1, 2):
     alone, hist1 = _run(_members(ROWS[j]), steps=3)
-    for a, b in zip(jax.tree.leaves(_member_params(state, j)),
-                    jax.tree.leaves(_member_params(alone, 0))):
-      np.testing.assert_allclose(a, b, rtol=1e-4, atol=ATOL, err_msg=(
-          f"member {ROWS[j]} trained inside a sweep differs from the same configuration "
-          "trained alone: members leak into each other"))
+    try:
+      chex.assert_trees_all_close(_member_params(state, j), _member_params(alone, 0),
+                                  rtol=1e-4, atol=ATOL)
+    except AssertionError as e:
+      raise AssertionError(f"member {ROWS[j]} trained inside a sweep differs from the same "
+                           f"configuration trained alone: members leak into each other. {e}")
     np.testing.assert_allclose(hist[-1]["loss"][j], hist1[-1]["loss"][0], rtol=1e-4)
 
 
@@ -103,11 +105,11 @@ def test_looped_member_layouts_equal_the_vmapped_step(groups, chunk):
   # Four members: (1, 3) leaves a remainder chunk, (2, 2) vmaps inside each loop step.
   members = _members(*ROWS, ("hinge", 1.0, 2, 1e-2, 0.0, 40))
   want, want_hist = _run(members, steps=3)
-  looped = jax.jit(sweep.make_train_step(SETUP[0], SETUP[2], TABLE, TCFG,
+  looped = jax.jit(program.make_train_step(gpo.member_loss_fn(SETUP[0], SETUP[2], TABLE, False), TCFG,
                                          member_groups=groups, member_chunk=chunk),
                    donate_argnums=0)
-  state = sweep.init_state(SETUP[1], members, TCFG)
-  data, hp = sweep.train_arrays(SETUP[3]), members.hparams()
+  state = program.init_state(SETUP[1], members, TCFG)
+  data, hp = sequences.pair_arrays(SETUP[3]), members.hparams()
   for _ in range(3):
     state, m = looped(state, hp, data)
   for a, b in zip(jax.tree.leaves(want["params"]), jax.tree.leaves(state["params"])):
@@ -120,9 +122,9 @@ def test_looped_member_layouts_equal_the_vmapped_step(groups, chunk):
 
 def test_member_layout_rejects_groups_that_do_not_divide_members():
   with pytest.raises(ValueError, match="member_groups=3 must be >= 1 and divide the 4"):
-    sweep.map_members(lambda x: x, (jnp.zeros((4, 2)),), groups=3, chunk=1)
+    program.map_members(lambda x: x, (jnp.zeros((4, 2)),), groups=3, chunk=1)
   with pytest.raises(ValueError, match="member_chunk=0"):
-    sweep.map_members(lambda x: x, (jnp.zeros((4, 2)),), groups=1, chunk=0)
+    program.map_members(lambda x: x, (jnp.zeros((4, 2)),), groups=1, chunk=0)
 
 
 def test_first_step_loss_matches_independent_numpy_computation():
@@ -144,7 +146,7 @@ def test_first_step_loss_matches_independent_numpy_computation():
   fs = {"logistic": lambda z: np.log1p(np.exp(-z)), "exponential": lambda z: np.exp(-z)}
   for m in range(members.size):
     row = members.row(m)
-    idx = np.asarray(sweep.batch_indices(row["seed"], row["data_size"], 0, BATCH))
+    idx = np.asarray(data_lib.batch_indices(row["seed"], row["data_size"], 0, BATCH))
     rho = shift[idx].astype(np.float64)       # policy == π_ref, so ρ is the shift
     z = row["beta"] * rho
     if row["gamma"] > 0:
@@ -196,24 +198,24 @@ def test_diverging_member_is_frozen_and_flagged_without_affecting_others():
 @pytest.mark.parametrize("data_size", [8, 20, 48])
 def test_batches_are_per_epoch_permutations_of_the_data_subset(data_size):
   steps = -(-3 * data_size // BATCH)
-  idx = np.concatenate([np.asarray(sweep.batch_indices(7, data_size, s, BATCH))
+  idx = np.concatenate([np.asarray(data_lib.batch_indices(7, data_size, s, BATCH))
                         for s in range(steps)])
   assert idx.min() >= 0 and idx.max() < data_size, "batches must stay inside the subset"
   for e in range(3):
     epoch = idx[e * data_size:(e + 1) * data_size]
     np.testing.assert_array_equal(np.sort(epoch), np.arange(data_size), err_msg=(
         f"epoch {e} is not a permutation of arange({data_size})"))
-  again = np.asarray(sweep.batch_indices(7, data_size, 1, BATCH))
+  again = np.asarray(data_lib.batch_indices(7, data_size, 1, BATCH))
   np.testing.assert_array_equal(again, idx[BATCH:2 * BATCH],
                                 err_msg="batch indices must depend only on (seed, step)")
-  other = np.asarray(sweep.batch_indices(8, data_size, 0, BATCH))
+  other = np.asarray(data_lib.batch_indices(8, data_size, 0, BATCH))
   if data_size > BATCH:
     assert not np.array_equal(other, idx[:BATCH]), "different seeds must shuffle differently"
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 8, 9, 31, 32, 33, 100, 4096, 4097, 65_537])
 def test_permute_index_is_a_bijection_of_range_n_for_every_key(n):
-  perm = jax.jit(jax.vmap(sweep.permute_index, in_axes=(None, None, 0)))  # n traced
+  perm = jax.jit(jax.vmap(data_lib.permute_index, in_axes=(None, None, 0)))  # n traced
   keys = jnp.asarray([0, 1, 0xDEADBEEF, 2**32 - 1], jnp.uint32)
   out = np.asarray(perm(jnp.arange(n), n, keys))
   for k, row in zip(keys.tolist(), out):
@@ -229,7 +231,7 @@ def test_permute_index_is_close_to_uniform_over_keys():
   from scipy import stats
   n, k = 12, 20_000
   keys = jax.random.bits(jax.random.key(3), (k,), jnp.uint32)
-  out = np.asarray(jax.jit(jax.vmap(sweep.permute_index, in_axes=(None, None, 0)))(
+  out = np.asarray(jax.jit(jax.vmap(data_lib.permute_index, in_axes=(None, None, 0)))(
       jnp.arange(n), n, keys))
   for i in (0, 5, n - 1):
     counts = np.bincount(out[:, i], minlength=n)
@@ -243,38 +245,27 @@ def test_permute_index_is_close_to_uniform_over_keys():
 
 def test_make_members_validates_and_names_bad_values():
   with pytest.raises(ValueError, match="logistc"):
-    sweep.make_members(["logistc"], [0.1], n_train=N, batch_size=BATCH)
+    gpo.make_members(["logistc"], [0.1], n_train=N, batch_size=BATCH)
   with pytest.raises(ValueError, match=r"-0\.5"):
-    sweep.make_members(["logistic"], [0.1, -0.5], n_train=N, batch_size=BATCH)
+    gpo.make_members(["logistic"], [0.1, -0.5], n_train=N, batch_size=BATCH)
   with pytest.raises(ValueError, match="0.0"):
-    sweep.make_members(["logistic"], [0.1], lrs=(0.0,), n_train=N, batch_size=BATCH)
+    gpo.make_members(["logistic"], [0.1], lrs=(0.0,), n_train=N, batch_size=BATCH)
   with pytest.raises(ValueError, match="data_size=4"):
-    sweep.make_members(["logistic"], [0.1], data_sizes=(4,), n_train=N, batch_size=BATCH)
+    gpo.make_members(["logistic"], [0.1], data_sizes=(4,), n_train=N, batch_size=BATCH)
   with pytest.raises(ValueError, match="savage"):
-    sweep.make_members(["logistic", "savage"], {"logistic": [0.1]}, n_train=N,
+    gpo.make_members(["logistic", "savage"], {"logistic": [0.1]}, n_train=N,
                        batch_size=BATCH)
-  m = sweep.make_members(["logistic", lambda z: jnp.exp(-z)], {"logistic": [0.1, 1.0],
+  m = gpo.make_members(["logistic", lambda z: jnp.exp(-z)], {"logistic": [0.1, 1.0],
                                                               "<lambda>": [2.0]},
                          seeds=(0, 1), n_train=N, batch_size=BATCH)
   assert m.size == 6
-  np.testing.assert_allclose(m.beta_eff(), [0.05, 0.05, 0.5, 0.5, 2.0, 2.0], rtol=1e-6)
+  np.testing.assert_allclose(gpo.beta_eff(m), [0.05, 0.05, 0.5, 0.5, 2.0, 2.0], rtol=1e-6)
   assert losses.get_f(m.families[1])(jnp.zeros(())) == 1.0
 
 
 @pytest.mark.multidevice
 def test_sharded_sweep_equals_single_device_on_8_devices():
-  import json
-  import os
-  import pathlib
-  import subprocess
-  import sys
-  repo = pathlib.Path(__file__).resolve().parents[1]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu", PYTHONPATH=f"{repo}{os.pathsep}{repo / 'tests'}")
-  proc = subprocess.run([sys.executable, str(repo / "tests" / "sweep_subprocess.py")], env=env,
-                        capture_output=True, text=True, timeout=1200)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  result = multidevice.run_json("sweep_subprocess.py", timeout=1200)
   assert result["devices"] == 8
   assert result["train_delta"] > 1e-3, "training did not move the weights; the test is vacuous"
   for case in result["cases"]:
@@ -292,3 +283,75 @@ def test_sharded_sweep_equals_single_device_on_8_devices():
   assert dp["w_up_spec"][0] == "sweep" and dp["unique_w_up_shards"] == 8
   assert fsdp["w_up_spec"][:2] == ["sweep", "data"], fsdp["w_up_spec"]
   assert fsdp_tp["w_up_spec"] == ["sweep", "data", "model"], fsdp_tp["w_up_spec"]
+
+
+def test_hard_label_member_never_evaluates_f_at_minus_z():
+  """A user f that overflows at -z must not turn a hard-label member into NaN (issue: the
+  trainer used to compute p f(z) + (1-p) f(-z) with p = 1, i.e. 0 * inf = NaN)."""
+  def steep(z):   # f'(0) = -1 < 0, finite for z >= -10, +inf (overflow) for z << 0
+    return jnp.exp(-10.0 * z) / 10.0
+
+  assert not np.isfinite(np.float32(steep(jnp.float32(-20.0))))
+  table = ("logistic", steep)
+  rows = [(steep, 50.0, 0, 1e-2, 0.0, 48), (steep, 50.0, 0, 1e-2, 1.0, 48)]
+  members = gpo.from_rows(table, rows)
+  shift = np.full(N, 1.0, np.float32)   # ρ = 1 at π_ref: z = 50, -z = -50 overflows
+  pairs = dict(SETUP[3], ref_chosen_logps=SETUP[3]["ref_chosen_logps"] - shift)
+  step = jax.jit(program.make_train_step(gpo.member_loss_fn(SETUP[0], SETUP[2], table, False),
+                                         TCFG))
+  state = program.init_state(SETUP[1], members, TCFG)
+  state, m = step(state, members.hparams(), sequences.pair_arrays(pairs))
+  loss, diverged = np.asarray(m["loss"]), np.asarray(m["diverged"])
+  assert np.isfinite(loss[0]) and not diverged[0], (
+      f"hard-label member: loss {loss[0]}, diverged {diverged[0]}; f(-z) leaked into it")
+  np.testing.assert_allclose(loss[0], np.exp(-500.0) / 10.0, atol=1e-30)
+  assert diverged[1], "the soft-label member really needs f(-z) = inf and must be frozen"
+
+
+def test_gpo_loss_hard_mask_equals_plain_hard_loss_bitwise():
+  rho = jnp.linspace(-3.0, 3.0, 64)
+  for f in ("logistic", "squared", "exponential", "savage"):
+    plain = losses.gpo_loss(rho, 0.7, f)
+    masked = losses.gpo_loss(rho, 0.7, f, p=jnp.full_like(rho, 0.3), hard=True)
+    np.testing.assert_array_equal(np.asarray(masked), np.asarray(plain))
+    g_plain = jax.grad(lambda r: losses.gpo_loss(r, 0.7, f).sum())(rho)
+    g_masked = jax.grad(lambda r: losses.gpo_loss(r, 0.7, f, p=jnp.full_like(r, 0.3),
+                                                  hard=True).sum())(rho)
+    np.testing.assert_array_equal(np.asarray(g_masked), np.asarray(g_plain))
+  soft = losses.gpo_loss(rho, 0.7, "logistic", p=jnp.full_like(rho, 0.3), hard=False)
+  np.testing.assert_allclose(soft, losses.gpo_loss(rho, 0.7, "logistic", p=jnp.full_like(rho, 0.3)))
+
+
+def test_beta_eff_grid_converts_by_autodiff_and_hinge_by_its_margin():
+  grid = (0.003, 0.1, 3.0)
+  m = gpo.make_members(["logistic", "hinge", "squared", "savage"], beta_effs=grid,
+                       n_train=N, batch_size=BATCH)
+  got = {f: m.beta[m.family == f].tolist() for f in ("logistic", "hinge", "squared", "savage")}
+  # f''(0)/|f'(0)|: logistic 1/2, squared 1, savage 1/2 (exact binary fractions); hinge 0,
+  # placed at IPO's target margin 1/beta_eff.
+  assert got == {"logistic": [0.006, 0.2, 6.0], "hinge": list(grid), "squared": list(grid),
+                 "savage": [0.006, 0.2, 6.0]}, got
+  eff = gpo.beta_eff(m)
+  np.testing.assert_allclose(eff[m.family == "squared"], grid, rtol=1e-6)
+  assert np.all(eff[m.family == "hinge"] == 0.0), "hinge's beta_eff is 0 by definition"
+  with pytest.raises(ValueError, match="exactly one of sweep.betas and sweep.beta_effs"):
+    gpo.make_members(["logistic"], betas=(0.1,), beta_effs=(0.1,), n_train=N, batch_size=BATCH)
+  with pytest.raises(ValueError, match="beta_effs \\(logistic\\).*got -1"):
+    gpo.make_members(["logistic"], beta_effs=(-1,), n_train=N, batch_size=BATCH)
+  with pytest.raises(ValueError, match="f''\\(0\\) = -"):
+    losses.beta_from_beta_eff(lambda z: -z - z ** 2, 0.1)
+
+
+def test_step_traces_once_across_new_values_with_chex():
+  members = _members(*ROWS)
+  counted = chex.assert_max_traces(n=1)(
+      program.make_train_step(gpo.member_loss_fn(SETUP[0], SETUP[2], TABLE, False), TCFG))
+  step = jax.jit(counted)
+  data = sequences.pair_arrays(SETUP[3])
+  hp = members.hparams()
+  state = program.init_state(SETUP[1], members, TCFG)
+  for scale in (1.0, 2.5, 0.1):
+    state, _ = step(state, dict(hp, beta=hp["beta"] * scale, lr=hp["lr"] * scale), data)
+  with pytest.raises(AssertionError):   # a new member count is a new program: chex sees it
+    step(program.init_state(SETUP[1], _members(*ROWS[:2]), TCFG), _members(*ROWS[:2]).hparams(),
+         data)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gpo_jax import tabular as tb
+from gpo_jax.lab import tabular as tb
 
 STEPS = 3000  # one static value, so runs of the same family share a compiled program
 

@@ -1,4 +1,4 @@
-"""Tests for gpo_jax.writers: JSONL rows, resume truncation, and TensorBoard event files read without TF."""
+"""Tests for gpo_jax.runtime.writers: JSONL rows, resume truncation, and TensorBoard event files read without TF."""
 
 import json
 import struct
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
-from gpo_jax import writers
+from gpo_jax.runtime import writers
 
 
 def _crc32c(data: bytes) -> int:

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gpo_jax import compat
+from gpo_jax.core import compat
 
 Array = jax.Array
 LossFn = Callable[[Array], Array]
@@ -202,7 +202,8 @@ def log_ratio_margin(policy_chosen_logps: Array, policy_rejected_logps: Array,
           - (ref_chosen_logps - ref_rejected_logps))
 
 
-def gpo_loss(rho: Array, beta, f: str | LossFn = "logistic", p: Array | None = None) -> Array:
+def gpo_loss(rho: Array, beta, f: str | LossFn = "logistic", p: Array | None = None,
+             hard: Array | None = None) -> Array:
   """Per-example GPO loss ``f(beta rho)``, or its soft-label form.
 
   With a soft label ``p = P(y_w > y_l)`` the loss is ``p f(beta rho) + (1 - p) f(-beta rho)``:
@@ -219,6 +220,12 @@ def gpo_loss(rho: Array, beta, f: str | LossFn = "logistic", p: Array | None = N
     beta: positive scalar (or array broadcastable to ``rho``); may be traced.
     f: registry name or callable.
     p: optional ``[B]`` soft labels in ``[0, 1]``; ``None`` means hard labels.
+    hard: optional boolean (scalar or broadcastable to ``rho``, may be traced) marking
+      examples whose label is hard although ``p`` is given, as in a sweep where some
+      members use soft labels and others do not. There the loss is exactly ``f(z)`` and
+      ``f`` is never evaluated at ``-z`` (its argument is replaced by 0 before the call),
+      so a user ``f`` that overflows at ``-z`` cannot turn a hard-label value or gradient
+      into NaN.
 
   Returns:
     ``loss_B``; the caller reduces.
@@ -232,7 +239,11 @@ def gpo_loss(rho: Array, beta, f: str | LossFn = "logistic", p: Array | None = N
   if p is None:
     return fn(z)
   _check_prob(p, "soft label p")
-  return p * fn(z) + (1.0 - p) * fn(-z)
+  if hard is None:
+    return p * fn(z) + (1.0 - p) * fn(-z)
+  # Both branches of a where are differentiated; the inner where keeps the unused one finite.
+  f_neg = fn(jnp.where(hard, jnp.zeros_like(z), -z))
+  return jnp.where(hard, fn(z), p * fn(z) + (1.0 - p) * f_neg)
 
 
 def soft_label(score_w: Array, score_l: Array, gamma) -> Array:
@@ -348,6 +359,37 @@ def beta_eff(f: str | LossFn, beta):
   """
   _, f1, f2 = derivatives_at_zero(f)
   return beta * (f2 / abs(f1))
+
+
+def beta_from_beta_eff(f: str | LossFn, beta_eff: float) -> float:
+  """The β that gives family ``f`` the regularisation strength ``beta_eff`` (inverse of :func:`beta_eff`).
+
+  ``β = beta_eff · |f'(0)| / f''(0)``, with the derivatives by autodiff. A family with
+  ``f''(0) = 0`` (hinge) has no quadratic term to match, so it is placed by its *target
+  margin* instead: hinge's loss is zero once ``β ρ >= 1``, i.e. at the margin ``1/β``;
+  squared (IPO), whose ``f''(0)/|f'(0)| = 1``, has its minimum at the same margin
+  ``1/β = 1/beta_eff``. The rule for ``f''(0) = 0`` is therefore ``β = beta_eff``: the
+  hinge member aims at the margin IPO aims at with that ``beta_eff``.
+
+  Args:
+    f: registry name or callable.
+    beta_eff: positive, finite.
+
+  Returns:
+    β as a Python float (float64 arithmetic; the scales of the named families are exact
+    binary fractions, so e.g. logistic's β is exactly ``2 beta_eff``).
+
+  Raises:
+    ValueError: ``beta_eff`` not finite and > 0, ``f''(0) < 0`` (not convex at 0), or ``f``
+      invalid (see :func:`derivatives_at_zero`).
+  """
+  b = float(beta_eff)
+  if not (np.isfinite(b) and b > 0):
+    raise ValueError(f"beta_eff must be finite and > 0, got {beta_eff!r}.")
+  _, f1, f2 = derivatives_at_zero(f)
+  if f2 < 0:
+    raise ValueError(f"f={f!r} has f''(0) = {f2} < 0: no beta gives beta_eff = {b}.")
+  return b if f2 == 0 else b * abs(f1) / f2
 
 
 def beta_eff_scales(fs: Sequence[str | LossFn]) -> np.ndarray:

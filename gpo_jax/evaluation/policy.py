@@ -30,7 +30,7 @@ References:
   arXiv 2210.10760 (R(0) = 0 convention, best-of-n baseline).
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 import dataclasses
 import functools
 from typing import Any
@@ -40,18 +40,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gpo_jax import bon as bon_lib
-from gpo_jax import distributed
-from gpo_jax import logprobs
-from gpo_jax import losses
-from gpo_jax import sampling
-from gpo_jax import sweep as sweep_lib
+from gpo_jax.core import logprobs
+from gpo_jax.core import sampling
+from gpo_jax.core import sequences
+from gpo_jax.evaluation import bon as bon_lib
+from gpo_jax.objectives import diagnostics
+from gpo_jax.runtime import distributed
 
 Array = jax.Array
 
 # fold_in tags keeping evaluation randomness apart from the data-order stream.
 _EVAL_STREAM = 0xE7A1
 _REF_STREAM = 0x7EF
+BON_FILE = "bon.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +95,7 @@ class Evaluator:
 
   def __init__(self, *, graphdef, rest, ref_params, gold_graphdef, gold_state,
                gold_mean: float, gold_std: float, eval_prompts: np.ndarray,
-               test_pairs: Mapping[str, np.ndarray], families: Sequence[Any],
+               test_pairs: Mapping[str, np.ndarray],
                ecfg: EvalConfig, length_normalize: bool = False,
                sharding: jax.sharding.Sharding | None = None):
     if ecfg.n_prompts > len(eval_prompts):
@@ -112,10 +113,8 @@ class Evaluator:
     n_test = len(test_pairs["chosen"])
     k = n_test if ecfg.n_test_pairs <= 0 else min(ecfg.n_test_pairs, n_test)
     self.test = self._place({key: jnp.asarray(v[:k])
-                             for key, v in sweep_lib.train_arrays(test_pairs).items()})
+                             for key, v in sequences.pair_arrays(test_pairs).items()})
     self.resp_len = int(test_pairs["chosen"].shape[1])
-    self.families = tuple(families)
-    self.beta_eff_scales = jnp.asarray(losses.beta_eff_scales(self.families))
     self.length_normalize = length_normalize
     self.ref_gold_ExN = None
     self.ref_gold_mean = None
@@ -123,20 +122,11 @@ class Evaluator:
     self._pool = jax.jit(self._pool_fn)
 
   def _place(self, tree):
-    """Copies host-identical constants onto ``self.sharding`` (no-op without one).
-
-    Under a mesh spanning several devices or processes, jit rejects arguments committed to a
-    single device, so every constant becomes a global array with the members' mesh.
-    """
-    if self.sharding is None:
-      return tree
-    def one(x):
-      host = np.asarray(x)
-      return jax.make_array_from_callback(host.shape, self.sharding, lambda idx: host[idx])
-    return jax.tree.map(one, tree)
+    """Copies host-identical constants onto ``self.sharding`` (no-op without one)."""
+    return distributed.put(tree, self.sharding)
 
   @classmethod
-  def from_lab(cls, lab, graphdef, rest, families, ecfg: EvalConfig,
+  def from_lab(cls, lab, graphdef, rest, ecfg: EvalConfig,
                length_normalize: bool = False,
                sharding: jax.sharding.Sharding | None = None) -> "Evaluator":
     gold_graphdef, gold_state = nnx.split(lab.gold())
@@ -145,7 +135,7 @@ class Evaluator:
                gold_graphdef=gold_graphdef, gold_state=gold_state,
                gold_mean=lab.gold_mean, gold_std=lab.gold_std,
                eval_prompts=np.asarray(lab.eval_prompts), test_pairs=lab.pairs("test"),
-               families=families, ecfg=ecfg, length_normalize=length_normalize,
+               ecfg=ecfg, length_normalize=length_normalize,
                sharding=sharding)
 
   # ------------------------------------------------------------------ shared pieces
@@ -195,6 +185,10 @@ class Evaluator:
     out["ref_gold_mean"] = self.ref_gold_mean
     out["num_prompts"] = int(e)
     return out
+
+  def artifacts(self) -> dict[str, Any]:
+    """The engine's one-time hook: samples the π_ref pool and returns ``{"bon.json": ...}``."""
+    return {BON_FILE: self.reference()}
 
   # ------------------------------------------------------------------ members
 
@@ -257,7 +251,7 @@ class Evaluator:
 
     def chunk(p_CxP):
       rows = jax.tree.map(lambda r, x: jnp.concatenate([r[None], x]), ref_params, p_CxP)
-      logp = jax.vmap(lambda st: sweep_lib.pair_logps(
+      logp = jax.vmap(lambda st: sequences.pair_logps(
           nnx.merge(self.graphdef, st, self.rest), ctx, resp, mask,
           self.length_normalize))(rows)
       return logp[1:] - logp[0]
@@ -277,22 +271,15 @@ class Evaluator:
     per = out.pop("per_sample")
     per["gold/reward"] = per["gold/reward"] - aux["ref_gold_mean"]
     res = dict(out)
-    # Offline diagnostics on held-out pairs (TRL names), from β-scaled log-ratios.
+    # Offline diagnostics on held-out pairs (TRL names), the same definitions as training.
     lr_Mx2B = self._offline_log_ratios(params_M, aux["ref_params"], aux["test"])
     b = lr_Mx2B.shape[1] // 2
-    beta_M1 = hparams["beta"][:, None]
-    chosen, rejected = beta_M1 * lr_Mx2B[:, :b], beta_M1 * lr_Mx2B[:, b:]
-    rho = lr_Mx2B[:, :b] - lr_Mx2B[:, b:]
-    res["rewards/chosen"] = jnp.mean(chosen, axis=-1)
-    res["rewards/rejected"] = jnp.mean(rejected, axis=-1)
-    res["rewards/margins"] = jnp.mean(chosen - rejected, axis=-1)
-    res["rewards/accuracies"] = jnp.mean((chosen > rejected).astype(jnp.float32), axis=-1)
-    res["rho/mean"] = jnp.mean(rho, axis=-1)
-    res["offline_reg"] = 0.5 * jnp.mean(jnp.square(rho), axis=-1)
+    res.update(diagnostics.preference_diagnostics(
+        lr_Mx2B[:, :b], lr_Mx2B[:, b:], hparams["beta"][:, None],
+        hparams["beta_eff_scale"][:, None]))
     for name, x_MxN in per.items():
       res[name], res[name + "_se"] = _mean_se(x_MxN)
     res["sqrt_kl"] = jnp.sqrt(jnp.maximum(res["kl"], 0.0))
-    res["beta_eff"] = hparams["beta"] * self.beta_eff_scales[hparams["family_idx"]]
     return res
 
   def __call__(self, params_M, hparams: Mapping[str, Array], step: int) -> dict[str, np.ndarray]:
@@ -300,7 +287,7 @@ class Evaluator:
 
     Args:
       params_M: stacked policy parameters (leading member axis).
-      hparams: :meth:`gpo_jax.sweep.Members.hparams`.
+      hparams: :meth:`gpo_jax.engine.sweep.Members.hparams`.
       step: the training step the parameters belong to.
     """
     if self.ref_gold_ExN is None:

@@ -1,7 +1,7 @@
 """The computations that fill a lab: SFT of π_ref, the gold reward model, preference pairs and statistics.
 
 Everything here is a function of arrays, configs and seeds; ``gpo_jax.lab`` owns the
-artifact (directories, checksums, loading). Sequences follow ``gpo_jax.corpus``: a policy
+artifact (directories, checksums, loading). Sequences follow ``gpo_jax.lab.corpus``: a policy
 sequence is ``[BOS] prompt [SEP] response`` and the *context* ``[BOS] prompt [SEP]`` is
 what the preference data stores as ``prompt``.
 """
@@ -17,10 +17,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from gpo_jax import corpus as corpus_lib
-from gpo_jax import logprobs
-from gpo_jax import model as model_lib
-from gpo_jax import sampling
+from gpo_jax.lab import corpus as corpus_lib
+from gpo_jax.core import logprobs
+from gpo_jax.core import model as model_lib
+from gpo_jax.core import sampling
 
 
 # ---------------------------------------------------------------------- batching helpers

@@ -110,6 +110,21 @@ def global_array(local_data: Any, sharding: jax.sharding.Sharding,
   return jax.make_array_from_process_local_data(sharding, np.asarray(local_data), global_shape)
 
 
+def put(tree: Any, sharding: jax.sharding.Sharding | None) -> Any:
+  """Places host arrays that every process holds identically onto a (multi-process) sharding.
+
+  Each process materialises only the shards its own devices hold; ``sharding=None`` returns
+  ``tree`` unchanged. Under a mesh spanning several devices or processes, jit rejects
+  arguments committed to a single device, so constants go through here.
+  """
+  if sharding is None:
+    return tree
+  def one(x):
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+  return jax.tree.map(one, tree)
+
+
 def to_host(x: jax.Array) -> np.ndarray:
   """Full host copy of a (possibly multi-process sharded) global array, on every process."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:

@@ -43,8 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gpo_jax import compat
-from gpo_jax import losses
+from gpo_jax.core import compat
+from gpo_jax.objectives import losses
 
 Array = jax.Array
 LossFn = Callable[[Array], Array]
@@ -288,7 +288,7 @@ def expected_gpo_loss(logits_K: Array, ref_logits_K: Array, mu_KxK: Array, beta,
     ref_logits_K: reference logits.
     mu_KxK: pair distribution.
     beta: positive scalar (may be traced).
-    f: GPO family name or any callable (:func:`gpo_jax.losses.get_f`).
+    f: GPO family name or any callable (:func:`gpo_jax.objectives.losses.get_f`).
     P_KxK: optional preference matrix (soft labels).
 
   Returns:
@@ -347,7 +347,7 @@ def taylor_loss(logits_K: Array, ref_logits_K: Array, mu_KxK: Array, beta,
   labels the ``f'`` term picks up the label: ``p f(z) + (1-p) f(-z) = f(0) + (2p - 1)
   f'(0) z + 1/2 f''(0) z^2 + O(z^3)``, so ``E_mu[rho]`` becomes ``E_mu[(2P - 1) rho]``.
   The error is ``O(rho^3)`` (``O(rho^4)`` when ``f'''(0) = 0``, e.g. logistic).
-  Derivatives at 0 come from :func:`gpo_jax.losses.derivatives_at_zero` (autodiff).
+  Derivatives at 0 come from :func:`gpo_jax.objectives.losses.derivatives_at_zero` (autodiff).
 
   References:
     Tang et al. 2024, arXiv 2402.05749 (the Taylor view of offline regularisation).

@@ -1,7 +1,7 @@
-"""The controlled lab as an artifact: build (or reuse) a hashed directory holding π_ref, gold and pairs.
+"""The lab artifact store: the hashed lab directory, its integrity checks, loading, and build-or-load.
 
 A lab directory ``<workdir>/<name>-<hash12>/`` (the hash covers the config and
-``LAB_CODE_VERSION``) contains::
+``LAB_CODE_VERSION``; see :mod:`gpo_jax.lab.config`) contains::
 
   policy/            orbax checkpoint of π_ref's parameters (pure dict)
   gold/              orbax checkpoint of the gold reward model's parameters
@@ -9,9 +9,9 @@ A lab directory ``<workdir>/<name>-<hash12>/`` (the hash covers the config and
   eval_prompts.npy   held-out contexts ``[BOS] prompt [SEP]``, int32 [M, P + 2]
   lab.json           config, statistics, versions, SHA-256 of every other file, build time
 
-``lab.json`` is written last, so its presence marks a complete build. Builds go to a
-temporary directory that is renamed into place, under an ``fcntl`` lock so concurrent
-processes build once.
+``lab.json`` is written last (by :func:`gpo_jax.lab.builder.build`), so its presence marks a
+complete build. :func:`build_or_load` builds into a temporary directory that is renamed
+into place, under an ``fcntl`` lock so concurrent processes build once.
 
 Loading separates a bad artifact from a failure to read a good one, because a rebuild
 costs minutes to hours and must never be triggered by a transient error:
@@ -27,10 +27,6 @@ costs minutes to hours and must never be triggered by a transient error:
 * ``OSError`` / ``MemoryError`` (EMFILE, EIO, EACCES, out of memory) propagate with their
   type, plus a note naming the lab and the stage, so callers can retry; the lab is left in
   place.
-
-CLI::
-
-  python -m gpo_jax.lab --config configs/lab.py:small --workdir labs/
 """
 
 import contextlib
@@ -53,146 +49,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gpo_jax import corpus as corpus_lib
-from gpo_jax import lab_build
-from gpo_jax import model as model_lib
-
-# Bump when a change to the code changes what a given config builds.
-LAB_CODE_VERSION = "1"
-LAB_JSON = "lab.json"
-EVAL_PROMPTS = "eval_prompts.npy"
-SPLITS = ("train", "test")
-
-
-class LabError(RuntimeError):
-  """A lab directory cannot be used (raised as such when it does not exist)."""
-
-
-class LabCorruptError(LabError):
-  """The artifact itself is bad (``lab.json`` missing/malformed/stale, file missing, checksum).
-
-  The only error on which :func:`build_or_load` moves a lab aside and rebuilds it.
-  """
-
-
-class LabLoadError(LabError):
-  """A lab whose files match their checksums (or were not verified) failed to deserialise.
-
-  Points to a version incompatibility or a bug, not to corruption: the lab is left in place.
-  """
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelShape:
-  d_model: int
-  n_layers: int
-  n_heads: int
-  d_ff: int
-
-
-@dataclasses.dataclass(frozen=True)
-class LabConfig:
-  """Everything that determines a lab (see ``configs/lab.py`` for the meaning of each knob)."""
-
-  name: str = "tiny"
-  seed: int = 0
-  corpus: corpus_lib.CorpusConfig = corpus_lib.CorpusConfig()
-  policy: ModelShape = ModelShape(32, 2, 2, 64)
-  sft_steps: int = 300
-  sft_batch: int = 32
-  sft_lr: float = 3e-3
-  sft_warmup: int = 30
-  sft_weight_decay: float = 0.01
-  sft_eval_every: int = 100
-  sft_eval_episodes: int = 256
-  gold: ModelShape = ModelShape(48, 2, 2, 96)
-  gold_init_scale: float = 3.0
-  gold_pos_scale: float = 0.0
-  gold_norm_samples: int = 1024
-  n_train_pairs: int = 512
-  n_test_pairs: int = 256
-  n_eval_prompts: int = 64
-  label_temp: float = 1.0
-  hard_labels: bool = False
-  label_flip: float = 0.0
-  sample_temperature: float = 1.0
-  n_stat_episodes: int = 512
-  batch_size: int = 256
-
-  def __post_init__(self):
-    for f in ("sft_steps", "sft_batch", "sft_eval_every", "sft_eval_episodes",
-              "gold_norm_samples", "n_train_pairs", "n_test_pairs", "n_eval_prompts",
-              "n_stat_episodes", "batch_size"):
-      if getattr(self, f) < 2:
-        raise ValueError(f"LabConfig.{f}={getattr(self, f)} must be >= 2")
-    if not self.label_temp > 0:
-      raise ValueError(f"LabConfig.label_temp={self.label_temp} must be > 0")
-    if not 0.0 <= self.label_flip <= 0.5:
-      raise ValueError(f"LabConfig.label_flip={self.label_flip} must be in [0, 0.5]")
-    if not self.sample_temperature > 0:
-      raise ValueError(f"LabConfig.sample_temperature={self.sample_temperature} must be > 0")
-    if self.name != os.path.basename(self.name) or not self.name:
-      raise ValueError(f"LabConfig.name={self.name!r} must be a plain directory-name prefix")
-
-  @classmethod
-  def from_dict(cls, d) -> "LabConfig":
-    """From a nested dict or a ``ConfigDict`` (unknown keys raise, naming the valid ones)."""
-    d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
-    valid = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - valid)
-    if unknown:
-      raise ValueError(f"unknown LabConfig fields {unknown}; valid: {sorted(valid)}")
-    d["corpus"] = corpus_lib.CorpusConfig(**dict(d.get("corpus", {})))
-    for k in ("policy", "gold"):
-      if k in d:
-        d[k] = ModelShape(**dict(d[k]))
-    return cls(**d)
-
-  def to_dict(self) -> dict:
-    return dataclasses.asdict(self)
-
-  @property
-  def policy_config(self) -> model_lib.TransformerConfig:
-    p = self.policy
-    return model_lib.TransformerConfig(
-        vocab_size=self.corpus.vocab_size, d_model=p.d_model, n_layers=p.n_layers,
-        n_heads=p.n_heads, d_ff=p.d_ff, max_len=self.corpus.max_episode_len)
-
-  @property
-  def gold_config(self) -> model_lib.TransformerConfig:
-    g = self.gold
-    return model_lib.TransformerConfig(
-        vocab_size=self.corpus.vocab_size, d_model=g.d_model, n_layers=g.n_layers,
-        n_heads=g.n_heads, d_ff=g.d_ff, max_len=self.corpus.policy_len)
-
-  def config_hash(self) -> str:
-    """12 hex digits of SHA-256 over the config (minus its name) and ``LAB_CODE_VERSION``."""
-    d = self.to_dict()
-    d.pop("name")
-    blob = json.dumps({"config": d, "code": LAB_CODE_VERSION}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-  @property
-  def dirname(self) -> str:
-    return f"{self.name}-{self.config_hash()}"
-
-
-def load_config(spec: str, **overrides) -> LabConfig:
-  """``LabConfig`` from a config-file spec such as ``"configs/lab.py:small"``.
-
-  Args:
-    spec: ``path/to/file.py[:arg]``; the file's ``get_config(arg)`` is called.
-    **overrides: top-level fields replaced afterwards (``dataclasses.replace``).
-  """
-  import importlib.util
-  path, _, arg = spec.partition(":")
-  if not os.path.isfile(path):
-    raise ValueError(f"config file {path!r} (from spec {spec!r}) does not exist")
-  module_spec = importlib.util.spec_from_file_location(f"_lab_config_{abs(hash(path))}", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  cfg = LabConfig.from_dict(module.get_config(arg or None))
-  return dataclasses.replace(cfg, **overrides) if overrides else cfg
+from gpo_jax.lab import corpus as corpus_lib
+from gpo_jax.lab.config import (
+    LAB_CODE_VERSION, LAB_JSON, EVAL_PROMPTS, SPLITS, LabConfig, LabCorruptError, LabError,
+    LabLoadError)
+from gpo_jax.core import model as model_lib
 
 
 # ---------------------------------------------------------------------- the loaded lab
@@ -228,7 +89,7 @@ class Lab:
 
   @property
   def tfds_dir(self) -> str:
-    from gpo_jax import lab_tfds
+    from gpo_jax.lab import dataset as lab_tfds
     return os.path.join(self.path, "tfds", lab_tfds.DATASET_NAME, lab_tfds.DATASET_VERSION)
 
   def policy(self) -> model_lib.Transformer:
@@ -259,7 +120,7 @@ class Lab:
     response tokens up to and including EOS), ``ref_chosen_logps``, ``ref_rejected_logps``,
     ``gold_chosen``, ``gold_rejected`` (normalised), ``label_p`` ``[N]`` float32.
     """
-    from gpo_jax import lab_tfds
+    from gpo_jax.lab import dataset as lab_tfds
     if split not in SPLITS:
       raise ValueError(f"unknown split {split!r}; choose one of {list(SPLITS)}")
     if split not in self._pairs_cache:
@@ -541,7 +402,7 @@ def load_lab(path: str, verify: bool = True) -> Lab:
              eval_prompts=eval_prompts)
 
 
-# ---------------------------------------------------------------------- build
+# ---------------------------------------------------------------------- build or load
 def build_or_load(cfg: LabConfig, workdir: str, log=print) -> Lab:
   """Returns the lab for ``cfg`` under ``workdir``, building it if absent or corrupt.
 
@@ -577,6 +438,9 @@ def build_or_load(cfg: LabConfig, workdir: str, log=print) -> Lab:
       if stale.startswith(f".building-{cfg.dirname}-"):
         shutil.rmtree(os.path.join(workdir, stale), ignore_errors=True)
     tmp = os.path.join(workdir, f".building-{cfg.dirname}-{os.getpid()}")
+    # Imported here, not at the top: gpo_jax.lab.builder imports this module for its io
+    # helpers. Looked up on each call, so a patched ``gpo_jax.lab.builder.build`` is the one run.
+    from gpo_jax.lab.builder import build
     try:
       build(cfg, tmp, log=log)
       os.rename(tmp, final)
@@ -584,108 +448,6 @@ def build_or_load(cfg: LabConfig, workdir: str, log=print) -> Lab:
       shutil.rmtree(tmp, ignore_errors=True)
       raise
     return load_lab(final)
-
-
-def build(cfg: LabConfig, out_dir: str, log=print) -> dict:
-  """Builds every part of the lab into ``out_dir`` (lab.json last); returns its statistics."""
-  from gpo_jax import lab_tfds
-  t_start = time.time()
-  out_dir = os.path.abspath(out_dir)
-  os.makedirs(out_dir)
-  corpus = corpus_lib.Corpus(cfg.corpus)
-  c = cfg.corpus
-  bs = cfg.batch_size
-  stats: dict[str, Any] = {}
-  timings = {}
-  cpu0 = time.process_time()
-  log(f"building lab {cfg.dirname} into {out_dir}")
-
-  # 1. π_ref by SFT on episodes.
-  t = time.time()
-  sft = lab_build.SFTConfig(cfg.sft_steps, cfg.sft_batch, cfg.sft_lr, cfg.sft_warmup,
-                            cfg.sft_weight_decay, cfg.sft_eval_every, cfg.sft_eval_episodes)
-  graphdef, ref_state, curve = lab_build.train_sft(cfg.policy_config, corpus, sft, cfg.seed,
-                                                   log=log)
-  timings["sft"] = time.time() - t
-  stats["sft/curve"] = [dict(step=s, train=a, heldout=b, heldout_response=r)
-                        for s, a, b, r in curve]
-  stats["sft/first_heldout"] = curve[0][2]
-  stats["sft/final_heldout"] = curve[-1][2]
-  stats["sft/final_heldout_response"] = curve[-1][3]
-  stats["sft/final_train"] = curve[-1][1]
-  stats["ref/params"] = model_lib.param_count(ref_state)
-
-  # 2. Gold model, normalised under π_ref samples on eval-distribution prompts.
-  t = time.time()
-  gold_graphdef, gold_state = lab_build.init_gold(cfg.gold_config, cfg.seed + 1,
-                                                  cfg.gold_init_scale, cfg.gold_pos_scale)
-  models = lab_build.Models(graphdef, ref_state, gold_graphdef, gold_state)
-  stats["gold/params"] = model_lib.param_count(gold_state)
-  rng = np.random.default_rng([cfg.seed, 0x601D])
-  norm_ctx = corpus.context(corpus.sample_prompts(rng, cfg.gold_norm_samples))
-  norm_resp, norm_mask = lab_build.sample_responses(
-      graphdef, ref_state, norm_ctx, jax.random.fold_in(jax.random.key(cfg.seed), 0x601D),
-      response_len=c.response_len, temperature=cfg.sample_temperature, batch_size=bs)
-  raw = lab_build.score_gold(models, norm_ctx, norm_resp, norm_mask, bs, normalise=False)
-  gold_mean, gold_std = float(raw.mean()), float(raw.std())
-  if not gold_std > 0:
-    raise RuntimeError(f"gold scores of π_ref samples have zero spread (std={gold_std})")
-  models = dataclasses.replace(models, gold_mean=gold_mean, gold_std=gold_std)
-  timings["gold"] = time.time() - t
-
-  # 3. Statistics of π_ref and gold.
-  t = time.time()
-  stats.update(lab_build.ref_and_gold_stats(cfg, corpus, models, norm_ctx, norm_resp,
-                                             norm_mask))
-  stats.update(lab_build.icl_gain(models, corpus, cfg.n_stat_episodes, cfg.seed, bs))
-  timings["stats"] = time.time() - t
-
-  # 4. Preference pairs and eval prompts.
-  t = time.time()
-  pairs = {}
-  for stream, split, n in ((0x7A1, "train", cfg.n_train_pairs), (0x7E5, "test", cfg.n_test_pairs)):
-    pairs[split] = lab_build.make_pairs(
-        models, corpus, n, cfg.seed, stream, label_temp=cfg.label_temp, hard=cfg.hard_labels,
-        flip=cfg.label_flip, temperature=cfg.sample_temperature, batch_size=bs)
-  eval_rng = np.random.default_rng([cfg.seed, 0xE7A])
-  eval_prompts = corpus.context(corpus.sample_prompts(eval_rng, cfg.n_eval_prompts))
-  np.save(os.path.join(out_dir, EVAL_PROMPTS), eval_prompts)
-  stats.update(lab_build.pair_stats(cfg, pairs["train"]))
-  timings["pairs"] = time.time() - t
-
-  # 5. Write the artifact: checkpoints, TFDS, then lab.json (the completion marker).
-  t = time.time()
-  _save_state(os.path.join(out_dir, "policy"), ref_state)
-  _save_state(os.path.join(out_dir, "gold"), gold_state)
-  scratch = os.path.join(out_dir, "_scratch")
-  lab_tfds.write_dataset(pairs, os.path.join(out_dir, "tfds"), scratch, c.prompt_len + 2,
-                         c.response_len)
-  shutil.rmtree(scratch)
-  stats["data/sha256"] = {s: _arrays_digest(pairs[s]) for s in SPLITS}
-  timings["write"] = time.time() - t
-  timings["total"] = time.time() - t_start
-  timings["cpu_total"] = time.process_time() - cpu0
-  stats["build/seconds"] = timings
-  meta = {"name": cfg.name, "hash": cfg.config_hash(), "code_version": LAB_CODE_VERSION,
-          "config": cfg.to_dict(), "gold_mean": gold_mean, "gold_std": gold_std,
-          "stats": stats, "versions": _versions(),
-          "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-          "files": {f: _sha256(os.path.join(out_dir, f)) for f in _all_files(out_dir)}}
-  tmp_meta = os.path.join(out_dir, LAB_JSON + ".tmp")
-  with open(tmp_meta, "w") as f:
-    json.dump(meta, f, indent=1, sort_keys=True)
-  os.replace(tmp_meta, os.path.join(out_dir, LAB_JSON))
-  return stats
-
-
-def _arrays_digest(arrays: dict[str, np.ndarray]) -> str:
-  """SHA-256 over the named arrays' dtypes, shapes and bytes (order-independent of dict order)."""
-  h = hashlib.sha256()
-  for k in sorted(arrays):
-    a = np.ascontiguousarray(arrays[k])
-    h.update(f"{k}:{a.dtype.str}:{a.shape}".encode())
-    h.update(a.tobytes())
-  return h.hexdigest()
 
 
 def summary(lab: Lab) -> str:
@@ -712,26 +474,3 @@ def summary(lab: Lab) -> str:
       + ", ".join(f"{k} {v:.1f}s" for k, v in s["build/seconds"].items() if k != "total"),
   ]
   return "\n".join(lines)
-
-
-def main(argv):
-  del argv
-  from absl import flags
-  from absl import logging
-  logging.set_verbosity(logging.WARNING)  # orbax logs every read and write at INFO
-  cfg = LabConfig.from_dict(flags.FLAGS.config)
-  t = time.time()
-  lab = build_or_load(cfg, flags.FLAGS.workdir)
-  print(summary(lab))
-  print(f"done in {time.time() - t:.1f}s")
-
-
-if __name__ == "__main__":
-  from absl import app
-  from absl import flags
-  from ml_collections import config_flags
-  config_flags.DEFINE_config_file("config", None, "Lab config file, e.g. configs/lab.py:small.",
-                                  lock_config=True)
-  flags.DEFINE_string("workdir", "labs", "Directory holding lab directories.")
-  flags.mark_flags_as_required(["config"])
-  app.run(main)

@@ -6,12 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gpo_jax import compat
-from gpo_jax.model import Transformer
+from gpo_jax.core import compat
+from gpo_jax.core.model import Transformer
 
 Array = jax.Array
 
-# Token ids shared with gpo_jax.corpus (ARCHITECTURE.md conventions).
+# Token ids shared with gpo_jax.lab.corpus (ARCHITECTURE.md conventions).
 PAD = 0
 EOS = 3
 
@@ -107,7 +107,7 @@ def sample(
         stacked_state, keys)
 
   Args:
-    model: a ``gpo_jax.model.Transformer``.
+    model: a ``gpo_jax.core.model.Transformer``.
     context_BxC: ``[BOS] + ... + [SEP]`` token ids; all rows have the same length ``C``.
     key: a ``jax.random.key``; step ``t`` uses the ``t``-th of ``split(key, T)``.
     max_new_tokens: response length ``T``; needs ``C + T <= max_len``.
@@ -155,7 +155,7 @@ def concat_response(
 ) -> tuple[Array, Array]:
   """Full sequences ``context + response`` and the response mask indexed like them.
 
-  The returned mask is what ``gpo_jax.model.response_logprobs`` expects: 0 over the
+  The returned mask is what ``gpo_jax.core.model.response_logprobs`` expects: 0 over the
   context, ``response_mask_BxT`` over the response positions.
   """
   if context_BxC.shape[0] != response_BxT.shape[0] or response_BxT.shape != response_mask_BxT.shape:

@@ -6,7 +6,7 @@ RMSNorm, then an unembedding (LM) or a scalar head (reward model). No biases in 
 so nearly all compute is in a handful of large einsums.
 
 Weights carry logical axis names (``vocab``, ``embed``, ``mlp``, ``heads``, ``kv``) through
-``nnx.with_partitioning``; ``gpo_jax.sharding`` maps them to mesh axes. Flax 0.12 shards
+``nnx.with_partitioning``; ``gpo_jax.runtime.sharding`` maps them to mesh axes. Flax 0.12 shards
 annotated variables when they are created, which needs a mesh, so the modules shard eagerly
 only when a mesh is set (``jax.set_mesh``) and build as plain arrays otherwise.
 
@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gpo_jax import logprobs as lp
+from gpo_jax.core import logprobs as lp
 
 Array = jax.Array
 Cache = tuple[dict[str, Array], ...]
@@ -275,7 +275,7 @@ class Transformer(nnx.Module):
     """Feeds ``token_B`` at position ``pos`` (scalar, may be traced); returns logits ``[B, V]``.
 
     ``pos`` must be below ``max_len``; a traced ``pos`` cannot be checked here (the caller,
-    e.g. ``gpo_jax.sampling.sample``, checks its static bounds).
+    e.g. ``gpo_jax.core.sampling.sample``, checks its static bounds).
     """
     if isinstance(pos, int):
       self.decoder._check_length(pos + 1)

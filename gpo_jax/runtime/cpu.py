@@ -5,7 +5,7 @@ them and every device looping over its own members (``train.member_chunk``): the
 small transformer are too small to split well across cores, so two independent streams
 beat one stream using both cores (experiments/BENCH_SWEEP.md has the numbers). The device
 count must be fixed before JAX initialises its backends, so :func:`configure_devices` is the
-first thing ``gpo_jax.main.run`` does.
+first thing ``gpo_jax.run.loop.run`` does.
 
 XLA:CPU (jaxlib 0.10) hands dots, elementwise ops and reductions to YNNPACK fusions; for
 this model the elementwise and reduction fusions are slower than XLA's own loops, so

@@ -1,0 +1,286 @@
+"""The train/eval/checkpoint loop of any algorithm: config → lab → members → compiled step → metrics, checkpoints, report.
+
+The run is resumable: starting the same command on an existing workdir restores the newest
+valid checkpoint and continues; a run killed at any point and resumed writes the same
+``metrics.jsonl`` as an uninterrupted one (batches and sampling keys depend only on the
+member seed and the step). Outputs follow ARCHITECTURE.md "Metrics on disk".
+"""
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from gpo_jax import lab as lab_lib
+from gpo_jax.engine import program
+from gpo_jax.run import config as config_lib
+from gpo_jax.runtime import checkpoint as ckpt_lib
+from gpo_jax.runtime import cpu as cpu_lib
+from gpo_jax.runtime import distributed
+from gpo_jax.runtime import sharding
+from gpo_jax.runtime import writers as writers_lib
+
+METRICS = writers_lib.METRICS_FILE
+CONFIG = "config.json"
+MANIFEST = "manifest.json"
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything a run (or a benchmark) builds before its first step."""
+  algorithm: Any
+  lab: Any
+  members: Any
+  mesh: Any
+  graphdef: Any
+  rest: Any
+  params: Any              # one member's initial parameters, replicated on the mesh
+  init_fn: Callable        # params -> stacked sweep state
+  abstract_state: Any
+  state_shardings: Any
+  step_fn: Callable        # the jitted sweep step
+  hparams: Any             # traced [M] hyperparameters on the mesh
+  data: Any                # the training arrays on the mesh
+
+
+def setup(config, lab, *, log: Callable[[str], None] = logging.info,
+          on_trace: Callable[[], None] | None = None) -> Setup:
+  """Builds the members, the mesh, the initial state's shardings and the jitted step.
+
+  Shared by :func:`run` and the benchmarks, so both compile the same program.
+  """
+  algo = config_lib.algorithm(config)
+  data_np = algo.train_data(lab, config)
+  n_train = int(next(iter(data_np.values())).shape[0])
+  tcfg = config_lib.train_config(config)
+  members = algo.members(config, n_train)
+  mesh = sharding.make_mesh(config_lib.mesh_dict(config), num_members=members.size,
+                            batch_size=tcfg.batch_size)
+  graphdef, params, rest = nnx.split(algo.model(lab, config), nnx.Param, ...)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  member_sh = NamedSharding(mesh, PartitionSpec(sharding.SWEEP))
+  # The lab's weights sit on one local device; the jitted init needs them on the whole mesh.
+  params = distributed.put(params, replicated)
+  init_member = algo.init_member(config)
+  init_fn = lambda p: program.init_state(p, members, tcfg, init_member)  # noqa: E731
+  abstract = jax.eval_shape(init_fn, params)
+  state_sh = program.state_shardings(abstract, mesh, config.mesh.preset)
+  # A preset that leaves too much of the state replicated fails here, before compiling.
+  report = sharding.check_replication(abstract, state_sh, mesh, config.mesh.preset)
+  log(f"mesh {dict(mesh.shape)}, preset {config.mesh.preset}: "
+      f"{report.fraction:.1%} of the state replicated within a member group")
+  step = program.make_train_step(
+      algo.loss_fn(graphdef, rest, members, config), tcfg,
+      member_groups=int(mesh.shape[sharding.SWEEP]),
+      member_chunk=config_lib.member_chunk(config), on_trace=on_trace)
+  return Setup(algorithm=algo, lab=lab, members=members, mesh=mesh, graphdef=graphdef,
+               rest=rest, params=params, init_fn=init_fn, abstract_state=abstract,
+               state_shardings=state_sh, step_fn=program.jit_train_step(step, state_sh, mesh),
+               hparams=distributed.put(members.hparams(), member_sh),
+               data=distributed.put(data_np, replicated))
+
+
+def _check_config_json(config, workdir: str, primary: bool) -> None:
+  cfg_path = os.path.join(workdir, CONFIG)
+  new = json.loads(config_lib.to_json(config))
+  if os.path.exists(cfg_path):
+    with open(cfg_path) as f:
+      old = json.load(f)
+    if old != new:
+      diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+      raise ValueError(f"{workdir} holds a run with a different config (sections {diff}); "
+                       "use a new --workdir, or the same config to resume.")
+  # Every process compares before process 0 writes, so none reads a half-written file.
+  distributed.barrier("config-checked")
+  if primary and not os.path.exists(cfg_path):
+    config_lib.write_config_json(config, workdir, CONFIG)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None = None,
+        log: Callable[[str], None] = logging.info, progress: bool = True) -> str:
+  """Trains and evaluates the sweep of ``config`` in ``workdir`` (resuming if possible).
+
+  Args:
+    config: a run config (see ``configs/common.py``).
+    workdir: run directory.
+    stop_at: stop abruptly after this many steps, without a final checkpoint or
+      evaluation (tests use it to simulate a killed run).
+    log: logging callable.
+    progress: show a tqdm progress bar.
+
+  Returns:
+    The absolute workdir.
+  """
+  t_start = time.time()
+  # The CPU device count and multi-host initialisation must precede every device query
+  # (validation counts devices).
+  cpu_lib.configure_devices(config.mesh.cpu_devices, config_lib.member_count(config), log=log)
+  distributed.maybe_initialize(config.distributed)
+  config_lib.validate(config)
+  workdir = os.path.abspath(workdir)
+  primary = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  _check_config_json(config, workdir, primary)
+
+  lab_root = config.lab_root or os.path.join(os.path.dirname(workdir), "labs")
+  lab = lab_lib.build_or_load(lab_lib.LabConfig.from_dict(config.lab), lab_root, log=log)
+  s = setup(config, lab, log=log)
+  members, algo = s.members, s.algorithm
+  replicated = NamedSharding(s.mesh, PartitionSpec())
+
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                               save_every=config.checkpoint.every, keep=config.checkpoint.keep)
+  last_train: dict[str, list] = {}
+  if ckpt.latest_step() is not None:
+    restored = ckpt.restore(sharding.shape_dtype_structs(
+        program._strip(s.abstract_state), s.state_shardings))
+    state, start = restored.state, restored.step
+    last_train = restored.metadata.get("last_train", {})
+    if restored.metadata.get("data_position") != start:
+      raise ValueError(f"checkpoint at step {start} has data position "
+                       f"{restored.metadata.get('data_position')}; it is corrupt.")
+    log(f"resuming from step {start}")
+  else:
+    state = jax.jit(s.init_fn, out_shardings=s.state_shardings)(s.params)
+    start = 0
+
+  evaluator = algo.evaluator(lab, s.graphdef, s.rest, members, config, replicated)
+  if primary:
+    for name, payload in evaluator.artifacts().items():
+      with open(os.path.join(workdir, name), "w") as f:
+        json.dump(payload, f, indent=1)
+  else:
+    evaluator.artifacts()
+
+  # Rows from the resumed step on are recomputed (identically), so drop them first.
+  writer = writers_lib.MetricsWriter(workdir, resume_step=start - 1 if start else None)
+  steps, every = config.train.steps, config.eval.every
+  # Per-step train metrics stay on device and go to TensorBoard in blocks, so logging them
+  # never stalls the asynchronous dispatch of the next steps.
+  pending: list[tuple[int, dict]] = []
+
+  def flush_train():
+    for st, m in pending:
+      writer.write_train(st, {k: distributed.to_host(v) for k, v in m.items()})
+    pending.clear()
+  bar = None
+  if progress and primary:
+    from tqdm import tqdm
+    bar = tqdm(total=steps, initial=start, desc=os.path.basename(workdir), dynamic_ncols=True)
+  best = ""
+  key = algo.headline_metric
+  try:
+    for step in range(start, steps + 1):
+      if step % every == 0 or step == steps:
+        rows = eval_rows(evaluator, members, state, s.hparams, step, last_train,
+                         label_temp=lab.cfg.label_temp)
+        writer.write(rows)
+        top = max((r for r in rows if r.get(key) is not None and math.isfinite(r[key])),
+                  key=lambda r: r[key], default=None)
+        if top is not None:
+          best = algo.describe(top)
+          if bar is not None:
+            bar.set_postfix_str(f"best {best}")
+      if step == steps:
+        break
+      if stop_at is not None and step >= stop_at:
+        return workdir
+      state, metrics = s.step_fn(state, s.hparams, s.data)
+      last_train = metrics
+      pending.append((step + 1, metrics))
+      if (step + 1) % config.train.log_every == 0:
+        flush_train()
+      if ckpt.should_save(step + 1) or step + 1 == steps:
+        flush_train()
+        last_train = {k: distributed.to_host(v).tolist() for k, v in metrics.items()}
+        ckpt.save(step + 1, state, force=step + 1 == steps,
+                  metadata={"data_position": step + 1, "last_train": last_train})
+      if bar is not None:
+        bar.update(1)
+  finally:
+    if bar is not None:
+      bar.close()
+    flush_train()
+    writer.close()
+    ckpt.close()
+
+  wall = time.time() - t_start
+  if primary:
+    write_manifest(workdir, lab, s.mesh, members, start, steps, wall, best, algo.name)
+    log(f"done: {steps} steps, {members.size} members, {wall:.1f} s; best {best}")
+    if config.analyze:
+      algo.report(workdir, log)
+  return workdir
+
+
+def eval_rows(evaluator, members, state, hp, step, last_train, *, label_temp) -> list[dict]:
+  """Metrics rows of every member at ``step``: member columns, evaluation, last train loss."""
+  res = evaluator(state["params"], hp, step)
+  train = {k: distributed.to_host(jnp.asarray(v)) for k, v in dict(last_train).items()}
+  diverged = distributed.to_host(state["diverged"])
+  rows = []
+  for m in range(members.size):
+    row = {"step": int(step)}
+    row.update(members.row(m))
+    row["label_temp"] = float(label_temp)
+    row.update({k: v[m].item() for k, v in res.items()})
+    for k in ("loss", "grad_norm"):
+      row[k] = train[k][m].item() if k in train else None
+    row["diverged"] = bool(diverged[m])
+    rows.append(row)
+  return rows
+
+
+def versions() -> dict[str, str]:
+  import flax
+  import optax
+  import orbax.checkpoint
+  import gpo_jax
+  return {"gpo_jax": gpo_jax.__version__, "jax": jax.__version__, "flax": flax.__version__,
+          "optax": optax.__version__, "orbax": orbax.checkpoint.__version__,
+          "numpy": np.__version__, "python": platform.python_version()}
+
+
+def write_manifest(workdir, lab, mesh, members, start, steps, wall, best,
+                   algorithm: str = "gpo") -> None:
+  path = os.path.join(workdir, MANIFEST)
+  old = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+  segments = old.get("segments", []) + [{"start_step": start, "end_step": steps,
+                                         "wall_time_s": wall, "finished": time.time()}]
+  dev = jax.devices()
+  manifest = {
+      "algorithm": algorithm,
+      "versions": versions(),
+      "lab": {"path": lab.path, "hash": lab.cfg.config_hash(), "name": lab.cfg.name},
+      "mesh": {k: int(v) for k, v in mesh.shape.items()},
+      "devices": {"count": len(dev), "platform": dev[0].platform,
+                  "kind": dev[0].device_kind, "processes": jax.process_count()},
+      "members": members.size,
+      "steps": steps,
+      "wall_time_s": sum(s["wall_time_s"] for s in segments),
+      "segments": segments,
+      "best_final": best,
+      "command": " ".join(sys.argv),
+  }
+  # Written aside, then renamed: a run killed mid-write must not leave a torn manifest,
+  # which every later rerun of the workdir would fail to parse above.
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(manifest, f, indent=1)
+  os.replace(tmp, path)
