@@ -13,7 +13,9 @@ from gpo_jax.run import presets
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """4 members, 50 steps (~3 epochs of the tiny lab's 512 pairs; hard-label members overfit
   soon after: at 150 steps their held-out gold accuracy fell from 0.64-0.66 to 0.57-0.59)."""
-  del arg
+  if arg:
+    raise ValueError(f"configs/tiny_rm.py takes no argument, got {arg!r} (it always uses the "
+                     "tiny lab).")
   c = presets.base("reward_model", "tiny")
   c.sweep = ml_collections.ConfigDict(dict(seeds=(0, 1), lrs=(3e-3,), gammas=(0.0, 1.0),
                                            data_sizes=(0,)))

@@ -12,7 +12,9 @@ from gpo_jax.run import presets
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """4 members, 6 steps, evaluations at steps 0, 3, 6 (``arg`` unused)."""
-  del arg
+  if arg:
+    raise ValueError(f"configs/tiny_sweep.py takes no argument, got {arg!r} (it always uses the "
+                     "tiny lab).")
   c = presets.base("gpo", "tiny")
   c.sweep = ml_collections.ConfigDict(dict(
       families=("logistic", "squared"),

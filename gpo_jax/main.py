@@ -1,8 +1,12 @@
 """Entry point: ``python -m gpo_jax.main --config configs/x.py --workdir runs/x`` runs the config's algorithm sweep.
 
 Rerunning the same command on an existing workdir resumes from the newest valid
-checkpoint (see ``gpo_jax.run.loop``).
+checkpoint (see ``gpo_jax.run.loop``). Expected failures (a bad config value, a workdir in
+use or made by another config, a corrupt artifact, a stop on SIGTERM) print one message and
+exit with status 2 (143/130 after SIGTERM/SIGINT); ``--traceback`` shows the full trace.
 """
+
+import sys
 
 from absl import app
 from absl import flags
@@ -14,6 +18,7 @@ from gpo_jax.run import loop
 config_flags.DEFINE_config_file("config", None, "Run config file (configs/*.py[:arg]).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory (resumed if it exists).")
+flags.DEFINE_bool("traceback", False, "Show the full traceback of expected errors too.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -21,7 +26,17 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  loop.run(flags.FLAGS.config, flags.FLAGS.workdir, log=print)
+  try:
+    loop.run(flags.FLAGS.config, flags.FLAGS.workdir, log=print)
+  except loop.EXPECTED_ERRORS as e:
+    if flags.FLAGS.traceback:
+      raise
+    if isinstance(e, loop.guard.RunInterrupted):
+      print(str(e), file=sys.stderr)
+      sys.exit(128 + e.signum)
+    print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+    print("(an expected error; --traceback shows where it came from)", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -141,11 +141,13 @@ def test_load_errors_and_truncated_line(tmp_path):
     run = table.load_run(run_dir)
   assert len(run.table) == 4 and run.bon is not None and run.config["data_size"] == 1000
   rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()[:4]]
-  rows.append({**rows[0], "gold/reward": 123.0})  # a resumed run re-logging step 0 of member 0
+  # Two runs writing one file (no workdir lock) duplicate (member, step) rows: the analysis
+  # refuses instead of silently keeping one of them (issue: concurrent runs on one workdir).
+  rows.append({**rows[0], "gold/reward": 123.0})
   (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-  t = table.load_run(run_dir).table
-  assert len(t) == 4 and t.loc[(t["member"] == 0) & (t["step"] == 0), "gold/reward"].item() == 123.0, \
-      "a re-logged (member, step) must replace the earlier row"
+  with pytest.raises(ValueError, match=r"1 \(member, step\) pairs have more than one row, "
+                                       r"e\.g\. \[\(0, 0\)\]; two runs wrote this file"):
+    table.load_run(run_dir)
 
 
 # ---------------------------------------------------------------- report on a synthetic sweep

@@ -121,6 +121,14 @@ def test_all_corrupt_or_missing_raises_clear_error(tmp_path):
   with checkpoint.Checkpointer(tmp_path / "ck") as ckpt:
     with pytest.raises(checkpoint.CheckpointError, match=r"(?s)All checkpoints.*step 2.*step 1"):
       ckpt.restore(_target(state))
+    # Both damaged steps were moved to ck.corrupt/ on the way (kept, not deleted).
+    with pytest.raises(checkpoint.CheckpointError, match="No checkpoints in"):
+      ckpt.restore(_target(state), step=7)
+  assert sorted(p.name.split("-")[0] for p in (tmp_path / "ck.corrupt").iterdir()) == ["1", "2"]
+  with checkpoint.Checkpointer(tmp_path / "ck2", keep=3) as ckpt:
+    for s in (1, 2):
+      ckpt.save(s, state)
+  with checkpoint.Checkpointer(tmp_path / "ck2") as ckpt:
     with pytest.raises(checkpoint.CheckpointError, match="step 7.*saved steps: \\[1, 2\\]"):
       ckpt.restore(_target(state), step=7)
 

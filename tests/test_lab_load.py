@@ -68,9 +68,12 @@ def _flip_byte(file):
 
 
 def _edit_meta(path, fn):
+  """Edits lab.json and re-seals its self-checksum: a consistent lab.json that is wrong in the
+  one way ``fn`` makes it (the seal itself is tested in test_hardening.py)."""
   meta_path = os.path.join(path, "lab.json")
   meta = json.load(open(meta_path))
   fn(meta)
+  meta[lab_store.META_DIGEST] = lab_store.meta_digest(meta)
   json.dump(meta, open(meta_path, "w"))
 
 

@@ -241,6 +241,11 @@ class OfflineGPO(Algorithm):
     if e.n_prompts > config.lab.n_eval_prompts:
       raise ValueError(f"eval.n_prompts={e.n_prompts} exceeds the lab's "
                        f"n_eval_prompts={config.lab.n_eval_prompts}.")
+    too_big = [n for n in e.bon_n if n > e.ref_samples_per_prompt]
+    if too_big:
+      raise ValueError(f"eval.bon_n has {too_big}, larger than the π_ref pool "
+                       f"eval.ref_samples_per_prompt={e.ref_samples_per_prompt}; best-of-n "
+                       "needs n <= the pool (raise the pool or drop those n).")
     return self.members(config, n_train)
 
   def report(self, workdir: str, log) -> None:

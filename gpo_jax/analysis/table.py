@@ -107,8 +107,14 @@ def table_from_rows(rows: list[dict], source: str = "metrics") -> pd.DataFrame:
   t["diverged"] = t["diverged"].fillna(False).astype(bool) if "diverged" in t else False
   if "sqrt_kl" not in t:
     t["sqrt_kl"] = np.sqrt(t["kl"].clip(lower=0))
-  # A resumed run may re-log a step; the later row wins.
-  t = t.drop_duplicates(["member", "step"], keep="last")
+  # The writer drops rows past the resume step before re-logging them, so a (member, step)
+  # pair appears once; a duplicate means two runs wrote one file (or a file was pasted
+  # together), and averaging over it would be silently wrong.
+  dup = t.duplicated(["member", "step"], keep=False)
+  if dup.any():
+    pairs = sorted({(int(m), int(st)) for m, st in t.loc[dup, ["member", "step"]].values})
+    raise ValueError(f"{source}: {len(pairs)} (member, step) pairs have more than one row, "
+                     f"e.g. {pairs[:5]}; two runs wrote this file. Rerun into a fresh workdir.")
   return t.sort_values(["member", "step"], kind="stable").reset_index(drop=True)
 
 

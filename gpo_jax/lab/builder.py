@@ -109,6 +109,9 @@ def build(cfg: LabConfig, out_dir: str, log=print) -> dict:
           "stats": stats, "versions": store._versions(),
           "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
           "files": {f: store._sha256(os.path.join(out_dir, f)) for f in store._all_files(out_dir)}}
+  # lab.json covers itself too: the gold normalisation constants and the statistics cannot
+  # change without the load noticing.
+  meta[store.META_DIGEST] = store.meta_digest(meta)
   tmp_meta = os.path.join(out_dir, LAB_JSON + ".tmp")
   with open(tmp_meta, "w") as f:
     json.dump(meta, f, indent=1, sort_keys=True)

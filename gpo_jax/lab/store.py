@@ -35,6 +35,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import math
 import platform
@@ -233,6 +234,16 @@ def _stat(path: str, lab: str, stage: str):
     raise _with_note(e, f"while {stage} of lab {lab}; the lab was left in place")
 
 
+META_DIGEST = "meta_sha256"
+
+
+def meta_digest(meta: dict) -> str:
+  """SHA-256 of ``lab.json``'s canonical JSON without its own digest field."""
+  body = {k: v for k, v in meta.items() if k != META_DIGEST}
+  text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=True)
+  return hashlib.sha256(text.encode()).hexdigest()
+
+
 def _read_meta(path: str) -> tuple[dict, LabConfig]:
   """Parses and validates ``lab.json``; every defect in it is a :class:`LabCorruptError`."""
   meta_path = os.path.join(path, LAB_JSON)
@@ -290,6 +301,13 @@ def _read_meta(path: str) -> tuple[dict, LabConfig]:
       or not meta["gold_std"] > 0):
     raise LabCorruptError(f"lab {path}: {LAB_JSON} has malformed stats or gold constants "
                           f"(gold_mean={meta['gold_mean']!r}, gold_std={meta['gold_std']!r})")
+  # Last, so a structurally bad lab.json gets its specific message above.
+  if META_DIGEST in meta and meta[META_DIGEST] != meta_digest(meta):
+    raise LabCorruptError(f"lab {path}: {LAB_JSON} does not match its own SHA-256 (the gold "
+                          "normalisation constants, statistics or file list were changed)")
+  if META_DIGEST not in meta:
+    logging.warning("lab %s: %s predates its self-checksum; its gold normalisation constants "
+                    "are not verified (rebuild the lab to cover them)", path, LAB_JSON)
   return meta, cfg
 
 
@@ -403,6 +421,12 @@ def load_lab(path: str, verify: bool = True) -> Lab:
 
 
 # ---------------------------------------------------------------------- build or load
+def _log_kept(log, final: str, e: BaseException) -> None:
+  notes = "".join(f"; {n}" for n in getattr(e, "__notes__", ()))
+  log(f"cannot load lab {final} ({type(e).__name__}: {e}{notes}); this is not evidence "
+      "of corruption, so the lab is left in place and NOT rebuilt")
+
+
 def build_or_load(cfg: LabConfig, workdir: str, log=print) -> Lab:
   """Returns the lab for ``cfg`` under ``workdir``, building it if absent or corrupt.
 
@@ -413,8 +437,22 @@ def build_or_load(cfg: LabConfig, workdir: str, log=print) -> Lab:
   are serialised by an ``fcntl`` lock, so a lab is built once.
   """
   workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
   final = os.path.join(workdir, cfg.dirname)
+  # A complete lab is read without the build lock, so prebuilt labs on read-only storage
+  # work; lab.json is written last and the directory renamed into place, so a lab that
+  # has it is whole. Only a missing or corrupt lab takes the lock (and needs write access).
+  if os.path.exists(os.path.join(final, LAB_JSON)):
+    try:
+      lab = load_lab(final)
+    except LabCorruptError:
+      pass              # handled under the lock below: moved aside and rebuilt
+    except Exception as e:
+      _log_kept(log, final, e)
+      raise
+    else:
+      log(f"reusing lab {final}")
+      return lab
+  os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, f".{cfg.dirname}.lock"), "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
     if _stat(final, final, "checking whether it exists") is not None:
@@ -425,9 +463,7 @@ def build_or_load(cfg: LabConfig, workdir: str, log=print) -> Lab:
         log(f"invalid lab ({e}); moving it to {aside} (kept for inspection) and rebuilding")
         os.rename(final, aside)
       except Exception as e:
-        notes = "".join(f"; {n}" for n in getattr(e, "__notes__", ()))
-        log(f"cannot load lab {final} ({type(e).__name__}: {e}{notes}); this is not evidence "
-            "of corruption, so the lab is left in place and NOT rebuilt")
+        _log_kept(log, final, e)
         raise
       else:
         log(f"reusing lab {final}")

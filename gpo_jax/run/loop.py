@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import platform
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -27,11 +28,15 @@ from jax.sharding import NamedSharding, PartitionSpec
 from gpo_jax import lab as lab_lib
 from gpo_jax.engine import program
 from gpo_jax.run import config as config_lib
+from gpo_jax.run import guard
 from gpo_jax.runtime import checkpoint as ckpt_lib
 from gpo_jax.runtime import cpu as cpu_lib
 from gpo_jax.runtime import distributed
 from gpo_jax.runtime import sharding
 from gpo_jax.runtime import writers as writers_lib
+
+# Failures a user can act on: the CLI prints their message without a traceback.
+EXPECTED_ERRORS = (ValueError, guard.RunError, lab_lib.LabError, ckpt_lib.CheckpointError)
 
 METRICS = writers_lib.METRICS_FILE
 CONFIG = "config.json"
@@ -93,20 +98,22 @@ def setup(config, lab, *, log: Callable[[str], None] = logging.info,
                data=distributed.put(data_np, replicated))
 
 
-def _check_config_json(config, workdir: str, primary: bool) -> None:
+def _check_config_json(config, workdir: str, primary: bool, log) -> list[str]:
+  """Refuses a workdir made by a config that changes results; returns the layout keys changed."""
   cfg_path = os.path.join(workdir, CONFIG)
   new = json.loads(config_lib.to_json(config))
+  changed: list[str] = []
   if os.path.exists(cfg_path):
-    with open(cfg_path) as f:
-      old = json.load(f)
-    if old != new:
-      diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-      raise ValueError(f"{workdir} holds a run with a different config (sections {diff}); "
-                       "use a new --workdir, or the same config to resume.")
+    old = guard.read_json(cfg_path, "the run's config", "Restore it from a backup (the "
+                          "checkpoints record the config too) or use a new --workdir.")
+    changed = guard.compare_configs(old, new, f"{workdir} ({CONFIG})")
+    if changed:
+      log(f"resuming with changed layout keys {changed}: results are unaffected")
   # Every process compares before process 0 writes, so none reads a half-written file.
   distributed.barrier("config-checked")
   if primary and not os.path.exists(cfg_path):
     config_lib.write_config_json(config, workdir, CONFIG)
+  return changed
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None = None,
@@ -125,6 +132,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None 
     The absolute workdir.
   """
   t_start = time.time()
+  if not str(workdir).strip():
+    raise guard.RunError("--workdir is empty (an unset shell variable?); refusing to turn the "
+                         "current directory into a run directory.")
   # The CPU device count and multi-host initialisation must precede every device query
   # (validation counts devices).
   cpu_lib.configure_devices(config.mesh.cpu_devices, config_lib.member_count(config), log=log)
@@ -133,7 +143,23 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None 
   workdir = os.path.abspath(workdir)
   primary = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
-  _check_config_json(config, workdir, primary)
+  with guard.workdir_lock(workdir, enabled=primary):
+    return _run_locked(config, workdir, primary, t_start, stop_at=stop_at, log=log,
+                       progress=progress)
+
+
+def _restore_validator():
+  def validate(restored):
+    if restored.metadata.get("data_position") != restored.step:
+      raise ckpt_lib.CheckpointError(
+          f"step {restored.step}: data position {restored.metadata.get('data_position')} "
+          "differs from the step")
+  return validate
+
+
+def _run_locked(config, workdir, primary, t_start, *, stop_at, log, progress) -> str:
+  layout_changes = _check_config_json(config, workdir, primary, log)
+  config_json = json.loads(config_lib.to_json(config))
 
   lab_root = config.lab_root or os.path.join(os.path.dirname(workdir), "labs")
   lab = lab_lib.build_or_load(lab_lib.LabConfig.from_dict(config.lab), lab_root, log=log)
@@ -146,12 +172,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None 
   last_train: dict[str, list] = {}
   if ckpt.latest_step() is not None:
     restored = ckpt.restore(sharding.shape_dtype_structs(
-        program._strip(s.abstract_state), s.state_shardings))
+        program._strip(s.abstract_state), s.state_shardings),
+        validate=_restore_validator())
     state, start = restored.state, restored.step
     last_train = restored.metadata.get("last_train", {})
-    if restored.metadata.get("data_position") != start:
-      raise ValueError(f"checkpoint at step {start} has data position "
-                       f"{restored.metadata.get('data_position')}; it is corrupt.")
+    # The checkpoint's own record of its config: a run whose config.json was lost or
+    # replaced cannot resume another config's state under new labels.
+    guard.compare_configs(restored.metadata.get("config", {}), guard.result_keys(config_json),
+                          f"checkpoint step {start} in {workdir}")
     log(f"resuming from step {start}")
   else:
     state = jax.jit(s.init_fn, out_shardings=s.state_shardings)(s.params)
@@ -166,8 +194,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None 
     evaluator.artifacts()
 
   # Rows from the resumed step on are recomputed (identically), so drop them first.
-  writer = writers_lib.MetricsWriter(workdir, resume_step=start - 1 if start else None)
+  writer = writers_lib.MetricsWriter(workdir, resume_step=start - 1 if start else None,
+                                     log=log)
   steps, every = config.train.steps, config.eval.every
+  missing = writer.missing_steps([st for st in range(start) if st % every == 0],
+                                 members.size) if start else []
+  if missing:
+    log(f"WARNING: metrics.jsonl lacks rows of eval steps {missing} before the resume step "
+        f"{start} (was the file deleted or replaced during an earlier run?). They cannot be "
+        "recomputed from the checkpoint; manifest.json records them as missing.")
   # Per-step train metrics stay on device and go to TensorBoard in blocks, so logging them
   # never stalls the asynchronous dispatch of the next steps.
   pending: list[tuple[int, dict]] = []
@@ -182,7 +217,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None 
     bar = tqdm(total=steps, initial=start, desc=os.path.basename(workdir), dynamic_ncols=True)
   best = ""
   key = algo.headline_metric
+  result_config = guard.result_keys(config_json)
+
+  def save(step_done, metrics, force):
+    nonlocal last_train
+    flush_train()
+    last_train = {k: distributed.to_host(v).tolist() for k, v in metrics.items()}
+    ckpt.save(step_done, state, force=force, metadata={
+        "data_position": step_done, "last_train": last_train, "config": result_config})
+
+  stop = guard.StopSignals()
   try:
+    stop.__enter__()
     for step in range(start, steps + 1):
       if step % every == 0 or step == steps:
         rows = eval_rows(evaluator, members, state, s.hparams, step, last_train,
@@ -204,13 +250,17 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None 
       if (step + 1) % config.train.log_every == 0:
         flush_train()
       if ckpt.should_save(step + 1) or step + 1 == steps:
-        flush_train()
-        last_train = {k: distributed.to_host(v).tolist() for k, v in metrics.items()}
-        ckpt.save(step + 1, state, force=step + 1 == steps,
-                  metadata={"data_position": step + 1, "last_train": last_train})
+        save(step + 1, metrics, force=step + 1 == steps)
       if bar is not None:
         bar.update(1)
+      if stop.requested and step + 1 < steps:
+        save(step + 1, metrics, force=True)
+        name = signal.Signals(stop.signum).name
+        raise guard.RunInterrupted(
+            f"stopped by {name} after step {step + 1} of {steps}: checkpoint saved and "
+            f"metrics flushed in {workdir}; rerun the same command to resume.", stop.signum)
   finally:
+    stop.__exit__()
     if bar is not None:
       bar.close()
     flush_train()
@@ -219,7 +269,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None 
 
   wall = time.time() - t_start
   if primary:
-    write_manifest(workdir, lab, s.mesh, members, start, steps, wall, best, algo.name)
+    write_manifest(workdir, lab, s.mesh, members, start, steps, wall, best, algo.name,
+                   extra={"layout_changes": layout_changes, "missing_eval_steps": missing},
+                   log=log)
     log(f"done: {steps} steps, {members.size} members, {wall:.1f} s; best {best}")
     if config.analyze:
       algo.report(workdir, log)
@@ -255,14 +307,22 @@ def versions() -> dict[str, str]:
 
 
 def write_manifest(workdir, lab, mesh, members, start, steps, wall, best,
-                   algorithm: str = "gpo") -> None:
+                   algorithm: str = "gpo", extra: dict | None = None, log=logging.warning) -> None:
   path = os.path.join(workdir, MANIFEST)
   old = {}
   if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
-  segments = old.get("segments", []) + [{"start_step": start, "end_step": steps,
-                                         "wall_time_s": wall, "finished": time.time()}]
+    try:
+      old = guard.read_json(path, "the run's manifest", "")
+    except guard.RunError as e:
+      # The manifest is a record, not an input: keep the damaged file and start a new one
+      # rather than failing a run whose results are already on disk.
+      aside = f"{path}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
+      os.replace(path, aside)
+      log(f"WARNING: {e} Kept it as {aside}; writing a fresh manifest.")
+  segment = {"start_step": start, "end_step": steps, "wall_time_s": wall,
+             "finished": time.time()}
+  segment.update({k: v for k, v in (extra or {}).items() if v})
+  segments = old.get("segments", []) + [segment]
   dev = jax.devices()
   manifest = {
       "algorithm": algorithm,

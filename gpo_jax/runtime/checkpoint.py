@@ -6,14 +6,23 @@ blob of user metadata (e.g. the data iterator position). Every save also records
 fingerprint per state leaf (a position-weighted wrap-around sum of the raw bits, computed on
 device); a restore recomputes it, so a checkpoint whose files were silently damaged is
 rejected like one orbax cannot read, and `Checkpointer.restore` falls back to the previous step.
+The user metadata is covered too (a SHA-256 of its canonical JSON), so one changed digit in it
+is a corrupt step, and a caller's own check (``validate``) can reject a step the same way.
+A step found corrupt during a fallback is moved out of the checkpoint directory into
+``<directory>.corrupt/`` (kept for inspection, never deleted): it no longer holds a keep-last-k
+slot, so orbax never garbage-collects a valid older step in its favour, and the same step is
+saved afresh when training reaches it again.
 Orbax writes array shards from every process and the JSON item from the primary process only.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,7 +33,7 @@ import orbax.checkpoint as ocp
 
 _STATE = "state"
 _META = "meta"
-_FORMAT = 1
+_FORMAT = 2  # 2: the user metadata carries a SHA-256
 
 
 class CheckpointError(RuntimeError):
@@ -81,6 +90,12 @@ def state_fingerprints(state: Any) -> dict[str, int]:
                       "as `rng` (saved as key_data) or store jax.random.key_data in the state.")
   values = _fingerprints([leaf for _, leaf in flat])
   return {jax.tree_util.keystr(p): int(_host(v)) for (p, _), v in zip(flat, values)}
+
+
+def metadata_digest(metadata: Mapping[str, Any]) -> str:
+  """SHA-256 of the canonical JSON of a checkpoint's user metadata."""
+  text = json.dumps(metadata, sort_keys=True, separators=(",", ":"), allow_nan=True)
+  return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _as_target(x: Any) -> Any:
@@ -142,7 +157,8 @@ class Checkpointer:
     """
     if step in self._manager.all_steps() or not (force or step % self.save_every == 0):
       return False
-    meta = {"format": _FORMAT, "user": dict(metadata or {}),
+    user = json.loads(json.dumps(dict(metadata or {})))   # what JsonSave will store
+    meta = {"format": _FORMAT, "user": user, "user_sha256": metadata_digest(user),
             "fingerprints": state_fingerprints(state), "rng": None}
     if rng is not None:
       typed = jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
@@ -181,14 +197,17 @@ class Checkpointer:
     steps = self.all_steps()
     return steps[-1] if steps else None
 
-  def _restore_step(self, step: int, target: Any) -> Restored:
+  def _restore_step(self, step: int, target: Any, validate=None) -> Restored:
     abstract = jax.tree.map(_as_target, target)
     args = ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract),
                                  _META: ocp.args.JsonRestore()})
     out = self._manager.restore(step, args=args)
     state, meta = out[_STATE], out[_META]
     if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
-      raise CheckpointError(f"step {step}: metadata item is missing or has an unknown format")
+      raise CheckpointError(f"step {step}: metadata item is missing or has an unknown format "
+                            f"(want format {_FORMAT})")
+    if metadata_digest(meta.get("user", {})) != meta.get("user_sha256"):
+      raise CheckpointError(f"step {step}: the metadata's SHA-256 does not match its contents")
     saved, now = meta["fingerprints"], state_fingerprints(state)
     if saved != now:
       bad = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
@@ -198,19 +217,41 @@ class Checkpointer:
       r = meta["rng"]
       data = np.asarray(r["data"], dtype=r["dtype"]).reshape(r["shape"])
       rng = jax.random.wrap_key_data(data, impl=r["impl"]) if r["impl"] else jnp.asarray(data)
-    return Restored(step=step, state=state, rng=rng, metadata=meta["user"])
+    restored = Restored(step=step, state=state, rng=rng, metadata=meta["user"])
+    if validate is not None:
+      validate(restored)
+    return restored
 
-  def restore(self, target: Any, step: int | None = None) -> Restored:
+  def _quarantine(self, step: int) -> str | None:
+    """Moves a corrupt step out of the manager's directory; returns where (primary process)."""
+    src = os.path.join(self.directory, str(step))
+    dst_dir = self.directory + ".corrupt"
+    dst = os.path.join(dst_dir, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    moved = None
+    if jax.process_index() == 0 and os.path.isdir(src):
+      os.makedirs(dst_dir, exist_ok=True)
+      os.rename(src, dst)
+      moved = dst
+    if jax.process_count() > 1:
+      from gpo_jax.runtime import distributed
+      distributed.barrier(f"checkpoint-quarantine-{step}")
+    self._manager.reload()
+    return moved
+
+  def restore(self, target: Any, step: int | None = None, *, validate=None) -> Restored:
     """Restores onto ``target``'s shapes, dtypes and shardings.
 
-    With ``step=None`` the newest checkpoint is tried first; one that fails to load or
-    whose fingerprints do not match is skipped with a warning naming the step, and the next
-    older one is tried. An explicit ``step`` is restored or raises.
+    With ``step=None`` the newest checkpoint is tried first; one that fails to load, whose
+    fingerprints or metadata digest do not match, or that ``validate`` rejects, is moved to
+    ``<directory>.corrupt/`` with a warning naming the step, and the next older one is
+    tried. An explicit ``step`` is restored or raises (and is never moved).
 
     Args:
       target: pytree like the saved state whose leaves are ``jax.ShapeDtypeStruct`` (with
         the shardings wanted now, e.g. on a different mesh) or arrays (their shardings used).
       step: a specific step, or None for the newest valid one.
+      validate: optional ``validate(restored)`` raising :class:`CheckpointError` when a
+        step that loaded is nevertheless unusable (e.g. its data position disagrees).
 
     Raises:
       CheckpointError: no checkpoint exists, or none (or not ``step``) can be restored.
@@ -223,19 +264,20 @@ class Checkpointer:
         raise CheckpointError(f"No checkpoint for step {step} in {self.directory}; "
                               f"saved steps: {steps}.")
       try:
-        return self._restore_step(step, target)
+        return self._restore_step(step, target, validate)
       except Exception as e:  # noqa: BLE001 - re-raised with context
         raise CheckpointError(f"Checkpoint step {step} in {self.directory} is unreadable: "
                               f"{type(e).__name__}: {e}") from e
     errors = []
     for s in reversed(steps):
       try:
-        restored = self._restore_step(s, target)
+        restored = self._restore_step(s, target, validate)
       except Exception as e:  # noqa: BLE001 - any failure means "try an older step"
-        logging.warning("checkpoint: step %d in %s is corrupt or unreadable (%s: %s); "
-                        "falling back to the previous checkpoint.", s, self.directory,
-                        type(e).__name__, str(e)[:300])
-        errors.append(f"step {s}: {type(e).__name__}: {str(e)[:200]}")
+        moved = self._quarantine(s)
+        logging.warning("checkpoint: step %d in %s is corrupt or unreadable (%s: %s); moved "
+                        "to %s; falling back to the previous checkpoint.", s, self.directory,
+                        type(e).__name__, str(e)[:300], moved)
+        errors.append(f"step {s}: {type(e).__name__}: {str(e)[:200]} (moved to {moved})")
         continue
       return restored
     raise CheckpointError(f"All checkpoints in {self.directory} are corrupt or unreadable:\n"

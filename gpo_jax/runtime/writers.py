@@ -7,7 +7,10 @@ file under ``<workdir>/tb/`` as tag ``member_003/gold/reward`` (one tag family p
 ``member_003/train/loss``.
 On resume from a checkpoint at step ``s`` it drops rows with ``step > s`` (they will be
 recomputed) by atomically rewriting the file, and TensorBoard is told to purge events after
-``s``. Only process 0 writes. JSON follows Python's convention for non-finite floats
+``s``. Before every write the writer checks that ``metrics.jsonl`` on disk is still the file it
+holds open: if it was deleted or replaced mid-run, the rows written so far (still readable
+through the open descriptor) are restored to the path, a replacing file is kept aside, and a
+warning says so. Only process 0 writes. JSON follows Python's convention for non-finite floats
 (``NaN``, ``Infinity``), which ``json.loads`` and ``pandas.read_json`` accept.
 """
 
@@ -54,29 +57,38 @@ def _process_index() -> int:
     return 0
 
 
-def truncate_jsonl(path: str | os.PathLike, max_step: int) -> int:
+def truncate_jsonl(path: str | os.PathLike, max_step: int, log=None) -> int:
   """Keeps rows with ``step <= max_step`` (and drops a torn last line); returns rows dropped.
 
   The file is rewritten through a temporary file and ``os.replace`` so a crash during the
-  rewrite leaves either the old or the new file, never a mix.
+  rewrite leaves either the old or the new file, never a mix. ``log`` (if given) is told
+  what was dropped: rows past the resume step (recomputed next) and torn lines (a crash
+  mid-write), each with its line number.
   """
   path = os.fspath(path)
   if not os.path.exists(path):
     return 0
   kept, dropped = [], 0
+  torn: list[int] = []
+  later = 0
   with open(path, encoding="utf-8") as f:
-    for line in f:
+    for number, line in enumerate(f, 1):
       if not line.strip():
         continue
       try:
         row = json.loads(line)
       except json.JSONDecodeError:
         dropped += 1  # a line torn by a crash mid-write
+        torn.append(number)
         continue
       if isinstance(row, dict) and row.get("step") is not None and row["step"] > max_step:
         dropped += 1
+        later += 1
         continue
       kept.append(line if line.endswith("\n") else line + "\n")
+  if log is not None and dropped:
+    log(f"{path}: dropped {later} rows after step {max_step} (recomputed on resume)"
+        + (f" and {len(torn)} torn lines (lines {torn[:10]}: a crash mid-write)" if torn else ""))
   tmp = path + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:
     f.writelines(kept)
@@ -99,10 +111,11 @@ class MetricsWriter:
   """
 
   def __init__(self, workdir: str | os.PathLike, resume_step: int | None = None, *,
-               tensorboard: bool = True, is_writer: bool | None = None):
+               tensorboard: bool = True, is_writer: bool | None = None, log=None):
     self.workdir = os.path.abspath(os.fspath(workdir))
     self.path = os.path.join(self.workdir, METRICS_FILE)
     self.active = (_process_index() == 0) if is_writer is None else is_writer
+    self.log = log or (lambda msg: print(msg))
     self._file = None
     self._tb = None
     if not self.active:
@@ -115,8 +128,8 @@ class MetricsWriter:
           n += 1
         os.replace(self.path, f"{self.path}.bak{n}")
     else:
-      truncate_jsonl(self.path, resume_step)
-    self._file = open(self.path, "a", encoding="utf-8")
+      truncate_jsonl(self.path, resume_step, log=self.log)
+    self._file = open(self.path, "a+", encoding="utf-8")
     if tensorboard:
       from tensorboardX import SummaryWriter
       # purge_step makes TensorBoard discard events at steps > resume_step from before the crash.
@@ -138,6 +151,7 @@ class MetricsWriter:
                          f"in row with keys {sorted(row)}.")
     if not self.active:
       return
+    self._check_path()
     for row in rows:
       self._file.write(json.dumps(row) + "\n")
     self._file.flush()
@@ -153,6 +167,54 @@ class MetricsWriter:
         if isinstance(value, numbers.Real) and not math.isnan(value):
           self._tb.add_scalar(prefix + name, float(value), global_step=row["step"])
     self._tb.flush()
+
+  def _check_path(self) -> None:
+    """Restores ``metrics.jsonl`` if it was deleted or replaced since it was opened."""
+    held = os.fstat(self._file.fileno())
+    try:
+      now = os.stat(self.path)
+      same = (now.st_ino, now.st_dev) == (held.st_ino, held.st_dev)
+    except FileNotFoundError:
+      now, same = None, False
+    if same:
+      return
+    what = "deleted"
+    if now is not None:
+      n = 0
+      while os.path.exists(f"{self.path}.replaced{n}"):
+        n += 1
+      os.replace(self.path, f"{self.path}.replaced{n}")
+      what = f"replaced by another file (kept as {self.path}.replaced{n})"
+    self._file.flush()
+    self._file.seek(0)
+    content = self._file.read()
+    tmp = self.path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write(content)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, self.path)
+    self._file.close()
+    self._file = open(self.path, "a+", encoding="utf-8")
+    self.log(f"WARNING: {self.path} was {what} while the run was writing it; its "
+             f"{content.count(chr(10))} rows were restored from the open file and the run "
+             "continues appending.")
+
+  def steps_present(self, n_members: int) -> set[int]:
+    """Steps that have a row for each of ``n_members`` members in ``metrics.jsonl``."""
+    counts: dict[int, set] = {}
+    if os.path.exists(self.path):
+      for row in read_jsonl(self.path):
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+          counts.setdefault(row["step"], set()).add(row.get("member"))
+    return {st for st, ms in counts.items() if len(ms) >= n_members}
+
+  def missing_steps(self, steps: Iterable[int], n_members: int) -> list[int]:
+    """Those of ``steps`` without a full set of member rows (resume completeness check)."""
+    if not self.active:
+      return []
+    present = self.steps_present(n_members)
+    return [st for st in steps if st not in present]
 
   def write_train(self, step: int, metrics: Mapping[str, Any]) -> None:
     """Sends one train step's per-member metrics to TensorBoard only.
