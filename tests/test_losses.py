@@ -419,3 +419,19 @@ def test_derivatives_at_zero_under_vmap_and_jit(name):
   got = jax.jit(jax.vmap(lambda b: b * jnp.asarray(L.derivatives_at_zero(name))))(
       jnp.ones(3))
   np.testing.assert_allclose(np.asarray(got), np.tile(expect, (3, 1)), rtol=1e-6)
+
+
+def test_switched_f_unselected_overflow_does_not_poison_other_members():
+  """Under vmap every family is evaluated on every member's z; a user f that overflows on
+  another member's z must not reach that member's value or gradient (issue: stale docs
+  claimed it would)."""
+  steep = lambda z: jnp.exp(-10.0 * z) / 10.0   # noqa: E731  inf for z < -8.9
+  g = L.switched_f(["logistic", steep])
+  idx = jnp.array([0, 1])
+  z = jnp.array([[-50.0, 1.0], [1.0, 2.0]])      # member 0's z makes steep overflow
+  val = jax.vmap(g)(idx, z)
+  grad = jax.grad(lambda z: jax.vmap(g)(idx, z).sum())(z)
+  assert np.isinf(float(steep(jnp.float32(-50.0))))
+  np.testing.assert_allclose(val[0], np.log1p(np.exp(-np.array([-50.0, 1.0]))), rtol=1e-6)
+  np.testing.assert_allclose(grad[0], -1 / (1 + np.exp(np.array([-50.0, 1.0]))), rtol=1e-6)
+  assert np.all(np.isfinite(np.asarray(grad))), grad

@@ -421,10 +421,26 @@ def load_lab(path: str, verify: bool = True) -> Lab:
 
 
 # ---------------------------------------------------------------------- build or load
-def _log_kept(log, final: str, e: BaseException) -> None:
-  notes = "".join(f"; {n}" for n in getattr(e, "__notes__", ()))
-  log(f"cannot load lab {final} ({type(e).__name__}: {e}{notes}); this is not evidence "
-      "of corruption, so the lab is left in place and NOT rebuilt")
+def _reuse(final: str, log, *, move_corrupt: bool) -> Lab | None:
+  """Loads the lab at ``final``; None if it is corrupt (moved aside when ``move_corrupt``).
+
+  Any other failure is logged as "not evidence of corruption" and re-raised.
+  """
+  try:
+    lab = load_lab(final)
+  except LabCorruptError as e:
+    if move_corrupt:
+      aside = f"{final}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+      log(f"invalid lab ({e}); moving it to {aside} (kept for inspection) and rebuilding")
+      os.rename(final, aside)
+    return None
+  except Exception as e:
+    notes = "".join(f"; {n}" for n in getattr(e, "__notes__", ()))
+    log(f"cannot load lab {final} ({type(e).__name__}: {e}{notes}); this is not evidence "
+        "of corruption, so the lab is left in place and NOT rebuilt")
+    raise
+  log(f"reusing lab {final}")
+  return lab
 
 
 def build_or_load(cfg: LabConfig, workdir: str, log=print) -> Lab:
@@ -442,31 +458,15 @@ def build_or_load(cfg: LabConfig, workdir: str, log=print) -> Lab:
   # work; lab.json is written last and the directory renamed into place, so a lab that
   # has it is whole. Only a missing or corrupt lab takes the lock (and needs write access).
   if os.path.exists(os.path.join(final, LAB_JSON)):
-    try:
-      lab = load_lab(final)
-    except LabCorruptError:
-      pass              # handled under the lock below: moved aside and rebuilt
-    except Exception as e:
-      _log_kept(log, final, e)
-      raise
-    else:
-      log(f"reusing lab {final}")
+    lab = _reuse(final, log, move_corrupt=False)   # corrupt: handled under the lock below
+    if lab is not None:
       return lab
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, f".{cfg.dirname}.lock"), "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
     if _stat(final, final, "checking whether it exists") is not None:
-      try:
-        lab = load_lab(final)
-      except LabCorruptError as e:
-        aside = f"{final}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-        log(f"invalid lab ({e}); moving it to {aside} (kept for inspection) and rebuilding")
-        os.rename(final, aside)
-      except Exception as e:
-        _log_kept(log, final, e)
-        raise
-      else:
-        log(f"reusing lab {final}")
+      lab = _reuse(final, log, move_corrupt=True)
+      if lab is not None:
         return lab
     # Under the lock no other process is building this lab, so any leftover build
     # directory belongs to a crashed build.

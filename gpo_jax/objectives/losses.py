@@ -415,9 +415,11 @@ def switched_f(fs: Sequence[str | LossFn]) -> Callable[[Array, Array], Array]:
 
   Lets a sweep vmapped over members give each member its own family without recompiling:
   ``jax.vmap(g)(idx_M, z_MxB)``. Without vmap ``lax.switch`` runs one branch; under vmap
-  it becomes a select that evaluates every branch, so every family must produce finite
-  values and gradients on every member's ``z`` (the named ones do; a user ``f`` with
-  inf/nan on some inputs would poison gradients of other members through the select).
+  every branch is evaluated on every member's ``z`` and the member's own is selected. A
+  family that is inf/NaN on another member's ``z`` does not leak into that member's value
+  or gradient on the JAX versions tested (0.10 here; the test
+  ``test_switched_f_unselected_overflow_does_not_poison_other_members`` checks it on the
+  installed JAX), so a user ``f`` that overflows somewhere cannot freeze other members.
 
   Args:
     fs: non-empty sequence of registry names or callables.
