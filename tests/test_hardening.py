@@ -302,3 +302,25 @@ def test_complete_lab_is_loaded_without_taking_the_build_lock(lab_root, tmp_path
   assert got.path == str(root / os.path.basename(lab.path))
   assert not any(n.endswith(".lock") for n in os.listdir(root)), (
       "loading a complete lab must not write a lock file (read-only lab storage)")
+
+
+# ------------------------------------------------------------------ 8. disk full
+
+def test_disk_full_is_one_clear_error_before_orbax_writes(lab_root, tmp_path):
+  """A checkpoint directory on a 700 KiB filesystem: the run stops with one message that
+  says "disk full", names the directory and the resume step, instead of orbax's threads
+  printing hundreds of event-loop errors (reproduced on a tmpfs of this size)."""
+  mnt = tmp_path / "small"
+  mnt.mkdir()
+  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=700k", "tmpfs", str(mnt)],
+                           capture_output=True).returncode == 0
+  if not mounted:
+    pytest.skip("needs permission to mount a small tmpfs")
+  try:
+    with pytest.raises(guard.DiskFullError, match=r"disk full: checkpoint step 2 needs about "
+                                                  r"[\d.]+ MiB but .*small/run/checkpoints has "
+                                                  r"[\d.]+ MiB free.*resumes exactly from step 0"):
+      _run(_tiny(lab_root), mnt / "run")
+  finally:
+    subprocess.run(["umount", str(mnt)], capture_output=True)
+  assert not os.path.ismount(mnt)

@@ -42,6 +42,33 @@ class ConfigMismatchError(RunError, ValueError):
   """The workdir (or a checkpoint in it) was made by a config that gives other results."""
 
 
+class DiskFullError(RunError):
+  """Not enough free space to write a checkpoint (checked before orbax starts writing)."""
+
+
+def check_free_space(directory: str, need_bytes: int, what: str, resume_hint: str) -> None:
+  """Raises :class:`DiskFullError` when ``directory``'s filesystem has less than ``need_bytes``.
+
+  Checked before an asynchronous checkpoint starts: a disk that fills in the middle of an
+  orbax save surfaces as hundreds of lines of event-loop errors from its threads.
+  """
+  import shutil
+  os.makedirs(directory, exist_ok=True)
+  free = shutil.disk_usage(directory).free
+  if free < need_bytes:
+    raise DiskFullError(
+        f"disk full: {what} needs about {need_bytes / 2**20:.1f} MiB but {directory} has "
+        f"{free / 2**20:.1f} MiB free. Free space (or point --workdir elsewhere) and rerun "
+        f"the same command: {resume_hint}")
+
+
+def is_disk_full(e: BaseException) -> bool:
+  """Whether an exception (from orbax/tensorstore or the OS) means the disk is full."""
+  import errno
+  return (isinstance(e, OSError) and e.errno == errno.ENOSPC) or any(
+      s in str(e) for s in ("RESOURCE_EXHAUSTED", "No space left on device"))
+
+
 class RunInterrupted(RunError):
   """The run stopped on a signal after saving a checkpoint; rerun the command to resume."""
 

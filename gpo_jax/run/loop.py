@@ -121,7 +121,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None 
   """Trains and evaluates the sweep of ``config`` in ``workdir`` (resuming if possible).
 
   Args:
-    config: a run config (see ``configs/common.py``).
+    config: a run config (``configs/*.py``; shared sections from ``gpo_jax.run.presets``).
     workdir: run directory.
     stop_at: stop abruptly after this many steps, without a final checkpoint or
       evaluation (tests use it to simulate a killed run).
@@ -171,15 +171,20 @@ def _run_locked(config, workdir, primary, t_start, *, stop_at, log, progress) ->
                                save_every=config.checkpoint.every, keep=config.checkpoint.keep)
   last_train: dict[str, list] = {}
   if ckpt.latest_step() is not None:
-    restored = ckpt.restore(sharding.shape_dtype_structs(
-        program._strip(s.abstract_state), s.state_shardings),
-        validate=_restore_validator())
+    try:
+      restored = ckpt.restore(sharding.shape_dtype_structs(
+          program._strip(s.abstract_state), s.state_shardings),
+          validate=_restore_validator())
+      # The checkpoint's own record of its config: a run whose config.json was lost or
+      # replaced cannot resume another config's state under new labels.
+      guard.compare_configs(restored.metadata.get("config", {}),
+                            guard.result_keys(config_json),
+                            f"checkpoint step {restored.step} in {workdir}")
+    except BaseException:
+      ckpt.close()
+      raise
     state, start = restored.state, restored.step
     last_train = restored.metadata.get("last_train", {})
-    # The checkpoint's own record of its config: a run whose config.json was lost or
-    # replaced cannot resume another config's state under new labels.
-    guard.compare_configs(restored.metadata.get("config", {}), guard.result_keys(config_json),
-                          f"checkpoint step {start} in {workdir}")
     log(f"resuming from step {start}")
   else:
     state = jax.jit(s.init_fn, out_shardings=s.state_shardings)(s.params)
@@ -219,12 +224,29 @@ def _run_locked(config, workdir, primary, t_start, *, stop_at, log, progress) ->
   key = algo.headline_metric
   result_config = guard.result_keys(config_json)
 
+  # Orbax writes the state plus a little metadata; keep a margin for the temporary copy.
+  state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(s.abstract_state))
+  need = int(1.2 * state_bytes / jax.process_count()) + (1 << 16)
+  last_saved = [start]
+
   def save(step_done, metrics, force):
     nonlocal last_train
     flush_train()
     last_train = {k: distributed.to_host(v).tolist() for k, v in metrics.items()}
-    ckpt.save(step_done, state, force=force, metadata={
-        "data_position": step_done, "last_train": last_train, "config": result_config})
+    hint = f"the run resumes exactly from step {last_saved[0]}."
+    try:
+      ckpt.wait_until_finished()   # the previous save's space is taken before measuring
+      guard.check_free_space(ckpt.directory, need, f"checkpoint step {step_done}", hint)
+      ckpt.save(step_done, state, force=force, metadata={
+          "data_position": step_done, "last_train": last_train, "config": result_config})
+    except guard.DiskFullError:
+      raise
+    except Exception as e:
+      if guard.is_disk_full(e):
+        raise guard.DiskFullError(f"disk full while writing checkpoint step {step_done} in "
+                                  f"{ckpt.directory}; free space and rerun: {hint}") from None
+      raise
+    last_saved[0] = step_done
 
   stop = guard.StopSignals()
   try:
@@ -265,7 +287,14 @@ def _run_locked(config, workdir, primary, t_start, *, stop_at, log, progress) ->
       bar.close()
     flush_train()
     writer.close()
-    ckpt.close()
+    try:
+      ckpt.close()
+    except Exception as e:
+      if not guard.is_disk_full(e):
+        raise
+      raise guard.DiskFullError(f"disk full while finishing a checkpoint in {ckpt.directory}; "
+                                "free space and rerun the same command (resume is exact "
+                                "from the newest complete checkpoint).") from None
 
   wall = time.time() - t_start
   if primary:
