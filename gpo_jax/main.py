@@ -22,6 +22,24 @@ flags.DEFINE_bool("traceback", False, "Show the full traceback of expected error
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _parse_flags(argv):
+  """absl's flag parsing with a config that fails to load (or an override that is not a
+  literal) reported like every other expected error: one line, exit status 2."""
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:   # noqa: BLE001 - everything raised while parsing is the user's input
+    lines = [ln.strip("'\" ") for ln in str(e).replace("\\n", "\n").splitlines() if ln.strip()]
+    # ml_collections embeds the config file's traceback; its last line is the message.
+    msg = lines[-1] if any("Traceback" in ln for ln in lines) else " ".join(lines)
+    msg = msg.replace("\\", "")
+    if not isinstance(e, flags.Error):   # e.g. a misspelt key of the locked config
+      msg = f"unknown config key {msg}"
+    print(f"error: {msg}", file=sys.stderr)
+    print("(while parsing the command line: --config FILE[:ARG] and --config.<key>=<Python "
+          "literal>)", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -40,4 +58,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -124,7 +124,7 @@ def test_random_kills_and_damage_end_in_identical_metrics_or_a_clear_refusal(env
     workdir = tmp_path / f"trial{t}"
     p = subprocess.Popen(_cmd(lab_root, workdir), cwd=REPO, env=e, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
-    time.sleep(rng.uniform(2.0, 14.0))
+    time.sleep(rng.uniform(5.0, 20.0))
     killed = p.poll() is None
     if killed:
       p.send_signal(signal.SIGKILL)

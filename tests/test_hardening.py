@@ -324,3 +324,13 @@ def test_disk_full_is_one_clear_error_before_orbax_writes(lab_root, tmp_path):
   finally:
     subprocess.run(["umount", str(mnt)], capture_output=True)
   assert not os.path.ismount(mnt)
+
+
+def test_cli_config_argument_and_literal_errors_are_one_line_too(tmp_path):
+  for extra in (["--config", "configs/tiny_sweep.py:foo"],
+                ["--config", "configs/tiny_sweep.py", "--config.sweep.betas=(nan, 1.0)"]):
+    proc = subprocess.run([sys.executable, "-m", "gpo_jax.main", *extra,
+                           f"--workdir={tmp_path / 'run'}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, (extra, proc.returncode, proc.stderr[-2000:])
+    assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr

@@ -6,8 +6,10 @@ on device (members a chunk at a time); the metrics are then NumPy on the host:
 * ``rm/gold_accuracy`` (± ``_se``): agreement of ``sign(r_w − r_l)`` with the gold ordering
   ``sign(g_w − g_l)`` over pairs whose gold scores differ (a score tie counts one half).
   A perfect proxy reaches 1; the labels themselves only reach ``label_gold_agreement``.
-* ``rm/label_accuracy``: agreement with the dataset's (noisy) labels, the quantity a
-  trainer sees; ``rm/loss`` the held-out BT loss against those labels.
+* ``rm/label_accuracy``: agreement with the dataset's (noisy) labels over *all* held-out
+  pairs (gold ties included: they carry a label too), the quantity a trainer sees;
+  ``rm/loss`` the held-out BT loss against those labels. ``rm/n_pairs`` counts the
+  untied pairs that ``rm/gold_accuracy`` uses.
 * ``rm/gold_corr``: Pearson correlation of ``r`` with gold over all held-out responses;
   ``rm/margin_corr``: of ``r_w − r_l`` with ``g_w − g_l``.
 * ``rm/ece``: expected calibration error of ``σ(r_w − r_l)`` against the gold

@@ -87,7 +87,8 @@ def truncate_jsonl(path: str | os.PathLike, max_step: int, log=None) -> int:
         continue
       kept.append(line if line.endswith("\n") else line + "\n")
   if log is not None and dropped:
-    log(f"{path}: dropped {later} rows after step {max_step} (recomputed on resume)"
+    log(f"{path}: dropped {later} rows after step {max_step} (the resumed run writes them "
+        "again, identically)"
         + (f" and {len(torn)} torn lines (lines {torn[:10]}: a crash mid-write)" if torn else ""))
   tmp = path + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:
