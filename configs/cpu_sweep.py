@@ -29,7 +29,7 @@ BETA_EFF_GRID = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Locked sweep config; ``arg`` = lab variant (default ``small``)."""
-  c = presets.base("gpo", arg or "small")
+  c = presets.base("gpo", arg or "small", presets.gpo_eval())
   c.sweep = ml_collections.ConfigDict(dict(
       families=presets.GPO_FAMILIES,
       beta_effs=BETA_EFF_GRID,

@@ -21,7 +21,7 @@ BETA_EFF_GRID = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Locked pod config; ``arg`` = ``"sweep,data,model"`` mesh sizes."""
   sweep_n, data_n, model_n = (int(v) for v in (arg or "32,8,1").split(","))
-  c = presets.base("gpo", "large")
+  c = presets.base("gpo", "large", presets.gpo_eval())
   c.sweep = ml_collections.ConfigDict(dict(
       families=presets.GPO_FAMILIES, beta_effs=BETA_EFF_GRID, betas=(),
       seeds=tuple(range(8)), lrs=(3e-4,), gammas=(0.0,),

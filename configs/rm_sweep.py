@@ -21,13 +21,12 @@ from gpo_jax.run import presets
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Locked reward-model sweep; ``arg`` = lab variant (default ``small``)."""
-  c = presets.base("reward_model", arg or "small")
+  c = presets.base("reward_model", arg or "small", presets.rm_eval(every=100))
   c.sweep = ml_collections.ConfigDict(dict(
       seeds=(0, 1, 2),
       lrs=(1e-3,),
       gammas=(0.0, 1.0),            # 0 = hard (sampled) labels; 1 = MMPO soft labels
       data_sizes=(256, 1024, 0)))   # 0 = all training pairs
   c.train.update(dict(steps=400, batch_size=32, warmup_steps=20, weight_decay=0.0))
-  c.eval.update(dict(every=100))
   c.lock()
   return c

@@ -16,11 +16,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg:
     raise ValueError(f"configs/tiny_rm.py takes no argument, got {arg!r} (it always uses the "
                      "tiny lab).")
-  c = presets.base("reward_model", "tiny")
+  c = presets.base("reward_model", "tiny", presets.rm_eval(every=25, member_chunk=4))
   c.sweep = ml_collections.ConfigDict(dict(seeds=(0, 1), lrs=(3e-3,), gammas=(0.0, 1.0),
                                            data_sizes=(0,)))
   c.train.update(dict(steps=50, batch_size=32, warmup_steps=10, log_every=10))
-  c.eval.update(dict(every=25, member_chunk=4))
   c.checkpoint.every = 25
   c.mesh.cpu_devices = 0        # tests run where the JAX backend is already up
   c.analyze = False

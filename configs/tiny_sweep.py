@@ -15,7 +15,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg:
     raise ValueError(f"configs/tiny_sweep.py takes no argument, got {arg!r} (it always uses the "
                      "tiny lab).")
-  c = presets.base("gpo", "tiny")
+  c = presets.base("gpo", "tiny", presets.gpo_eval())
   c.sweep = ml_collections.ConfigDict(dict(
       families=("logistic", "squared"),
       betas=ml_collections.ConfigDict({"logistic": (0.1, 1.0), "squared": (0.1, 1.0)}),

@@ -37,3 +37,13 @@ def get_tiny_lab(tmp_root) -> lab_lib.Lab:
       return lab_fixture.get_tiny_lab(lab_fixture.shared_root(tmp_path_factory))
   """
   return lab_lib.build_or_load(tiny_config(), str(tmp_root), log=lambda msg: None)
+
+
+def load_config(name: str, arg: str | None = None):
+  """``configs/<name>``'s ``get_config(arg)``, loaded by path as the ``--config`` flag does."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(f"config_{name}", os.path.join(REPO, "configs",
+                                                                               name))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)

@@ -33,7 +33,7 @@ def registered():
 
 
 def _config(lab_root, penalty):
-  c = presets.base("gpo", "tiny")
+  c = presets.base("gpo", "tiny", presets.gpo_eval())
   c.algorithm = "length_gpo"
   import ml_collections
   c.sweep = ml_collections.ConfigDict(dict(

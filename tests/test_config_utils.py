@@ -12,7 +12,7 @@ from gpo_jax.run import presets
 
 def _config(**overrides):
   """The tiny GPO config (2 families x 2 betas = 4 members) on a 2 x 2 mesh, with overrides."""
-  c = presets.base("gpo", "tiny")
+  c = presets.base("gpo", "tiny", presets.gpo_eval())
   c.sweep = ml_collections.ConfigDict(dict(
       families=("logistic", "squared"), betas=(0.1, 1.0), beta_effs=(), seeds=(0,),
       lrs=(1e-3,), gammas=(0.0,), data_sizes=(0,)))

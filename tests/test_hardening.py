@@ -1,6 +1,5 @@
 """Nothing lost, nothing silently wrong: each test reproduces a fault that once lost data or misled (issue 10), then checks the fix."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -24,11 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _tiny(lab_root, **overrides):
-  spec = importlib.util.spec_from_file_location("tiny_sweep", os.path.join(REPO, "configs",
-                                                                            "tiny_sweep.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
+  c = lab_fixture.load_config("tiny_sweep.py")
   c.unlock()
   c.lab_root = lab_root
   for path, value in overrides.items():
@@ -134,7 +129,7 @@ def test_data_position_mismatch_falls_back_instead_of_stopping(tmp_path):
   ck.save(2, _state(2), metadata={"data_position": 7})       # inconsistent, digest intact
   ck.close()
   ck = ckpt_lib.Checkpointer(d, keep=3, async_save=False)
-  restored = ck.restore(_state(0), validate=loop._restore_validator())
+  restored = ck.restore(_state(0), validate=loop.check_data_position)
   assert restored.step == 1 and ck.all_steps() == [1]
   ck.close()
 
@@ -229,12 +224,8 @@ def test_empty_workdir_and_oversized_bon_n_and_ignored_config_arg_fail(lab_root,
     loop.run(_tiny(lab_root), "", log=lambda *_: None)
   with pytest.raises(ValueError, match=r"eval.bon_n has \[16\], larger than the π_ref pool"):
     _run(_tiny(lab_root, **{"eval.bon_n": (1, 16)}), tmp_path / "r2")
-  spec = importlib.util.spec_from_file_location("t", os.path.join(REPO, "configs",
-                                                                  "tiny_sweep.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
   with pytest.raises(ValueError, match="takes no argument, got 'small'"):
-    module.get_config("small")
+    lab_fixture.load_config("tiny_sweep.py", "small")
 
 
 def test_cli_prints_one_line_for_an_expected_error(tmp_path):

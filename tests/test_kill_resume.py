@@ -13,7 +13,6 @@ later ones take ~6 s; the tiny lab comes from ``tests/lab_fixture.py`` and is no
 """
 
 import dataclasses
-import importlib.util
 import io
 import json
 import os
@@ -39,10 +38,7 @@ RUN_TIMEOUT_S = 600
 
 
 def _tiny_config():
-  spec = importlib.util.spec_from_file_location("tiny_sweep", os.path.join(REPO, CONFIG))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return lab_fixture.load_config(os.path.basename(CONFIG))
 
 
 TINY = _tiny_config()

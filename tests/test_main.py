@@ -1,6 +1,5 @@
 """Tests of the sweep entry point: config validation, end-to-end outputs on the tiny lab, bitwise kill-and-resume."""
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -26,10 +25,7 @@ ROW_KEYS = (
 
 
 def _config(name="tiny_sweep.py", arg=None):
-  spec = importlib.util.spec_from_file_location("cfg", os.path.join(REPO, "configs", name))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return lab_fixture.load_config(name, arg)
 
 
 def _run(config, workdir, **kw):

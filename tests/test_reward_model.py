@@ -16,7 +16,6 @@ from gpo_jax.evaluation import reward
 from gpo_jax.objectives import calibration
 from gpo_jax.run import loop
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_rm_metrics_match_their_definitions():
@@ -93,12 +92,7 @@ def test_bt_step_loss_matches_numpy_on_the_first_batch(tiny_lab):
 
 @pytest.fixture(scope="module")
 def rm_run(tmp_path_factory):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("tiny_rm", os.path.join(REPO, "configs",
-                                                                         "tiny_rm.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = lab_fixture.load_config("tiny_rm.py")
   config.unlock()
   config.lab_root = lab_fixture.shared_root(tmp_path_factory)
   config.lock()

@@ -50,7 +50,7 @@ class Algorithm(abc.ABC):
   """A method family the engine can run (see the module docstring)."""
 
   name: str = ""
-  #: the config section holding this algorithm's sweep axes
+  #: the metric the progress bar ranks members by
   headline_metric: str = ""
 
   @abc.abstractmethod

@@ -53,11 +53,12 @@ def _grids(names: list[str], values: Any, what: str) -> list[tuple]:
     if missing:
       raise ValueError(f"sweep.{what} has no grid for families {missing}; give one tuple "
                        "per family or one shared tuple.")
-    return [tuple(np.atleast_1d(values[n]).tolist()) if not isinstance(values[n], (list, tuple))
-            else tuple(values[n]) for n in names]
-  if isinstance(values, (list, tuple)):
-    return [tuple(values)] * len(names)
-  return [(values,)] * len(names)
+    return [_as_tuple(values[n]) for n in names]
+  return [_as_tuple(values)] * len(names)
+
+
+def _as_tuple(v: Any) -> tuple:
+  return tuple(v) if isinstance(v, (list, tuple)) else (v,)
 
 
 def make_members(families: Sequence[Family],
@@ -123,12 +124,6 @@ def make_members(families: Sequence[Family],
     rows += [(f,) + r for r in zip(block["beta"], block["seed"], block["lr"], block["gamma"],
                                    block["data_size"])]
   return from_rows(fams, rows)
-
-
-def beta_eff(members: Members) -> np.ndarray:
-  """``[M]`` ``beta_eff = β f''(0)/|f'(0)|`` in float32, the value evaluation logs (SPEC §1)."""
-  return (np.asarray(members.beta, np.float32)
-          * np.asarray(members.beta_eff_scale, np.float32)).astype(np.float64)
 
 
 def from_rows(families: Sequence[Family], rows: Sequence[tuple]) -> Members:

@@ -49,6 +49,6 @@ def preference_diagnostics(logratio_chosen_B: Array, logratio_rejected_B: Array,
       "rewards/accuracies": jnp.mean((chosen > rejected).astype(jnp.float32), axis=-1),
       "rho/mean": jnp.mean(rho, axis=-1),
       "offline_reg": 0.5 * jnp.mean(jnp.square(rho), axis=-1),
-      "beta_eff": jnp.squeeze(beta * beta_eff_scale, axis=-1) if jnp.ndim(beta) else
-                  beta * beta_eff_scale,
+      # shaped like the means: beta is a scalar, or [..., 1] beside [..., B] log-ratios
+      "beta_eff": jnp.broadcast_to(beta * beta_eff_scale, chosen.shape[:-1] + (1,))[..., 0],
   }

@@ -148,13 +148,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None 
                        progress=progress)
 
 
-def _restore_validator():
-  def validate(restored):
-    if restored.metadata.get("data_position") != restored.step:
-      raise ckpt_lib.CheckpointError(
-          f"step {restored.step}: data position {restored.metadata.get('data_position')} "
-          "differs from the step")
-  return validate
+def check_data_position(restored) -> None:
+  """A restored step whose recorded data position is not the step is a corrupt step."""
+  if restored.metadata.get("data_position") != restored.step:
+    raise ckpt_lib.CheckpointError(
+        f"step {restored.step}: data position {restored.metadata.get('data_position')} "
+        "differs from the step")
 
 
 def _run_locked(config, workdir, primary, t_start, *, stop_at, log, progress) -> str:
@@ -174,7 +173,7 @@ def _run_locked(config, workdir, primary, t_start, *, stop_at, log, progress) ->
     try:
       restored = ckpt.restore(sharding.shape_dtype_structs(
           program._strip(s.abstract_state), s.state_shardings),
-          validate=_restore_validator())
+          validate=check_data_position)
       # The checkpoint's own record of its config: a run whose config.json was lost or
       # replaced cannot resume another config's state under new labels.
       guard.compare_configs(restored.metadata.get("config", {}),
@@ -248,53 +247,51 @@ def _run_locked(config, workdir, primary, t_start, *, stop_at, log, progress) ->
       raise
     last_saved[0] = step_done
 
-  stop = guard.StopSignals()
-  try:
-    stop.__enter__()
-    for step in range(start, steps + 1):
-      if step % every == 0 or step == steps:
-        rows = eval_rows(evaluator, members, state, s.hparams, step, last_train,
-                         label_temp=lab.cfg.label_temp)
-        writer.write(rows)
-        top = max((r for r in rows if r.get(key) is not None and math.isfinite(r[key])),
-                  key=lambda r: r[key], default=None)
-        if top is not None:
-          best = algo.describe(top)
-          if bar is not None:
-            bar.set_postfix_str(f"best {best}")
-      if step == steps:
-        break
-      if stop_at is not None and step >= stop_at:
-        return workdir
-      state, metrics = s.step_fn(state, s.hparams, s.data)
-      last_train = metrics
-      pending.append((step + 1, metrics))
-      if (step + 1) % config.train.log_every == 0:
-        flush_train()
-      if ckpt.should_save(step + 1) or step + 1 == steps:
-        save(step + 1, metrics, force=step + 1 == steps)
-      if bar is not None:
-        bar.update(1)
-      if stop.requested and step + 1 < steps:
-        save(step + 1, metrics, force=True)
-        name = signal.Signals(stop.signum).name
-        raise guard.RunInterrupted(
-            f"stopped by {name} after step {step + 1} of {steps}: checkpoint saved and "
-            f"metrics flushed in {workdir}; rerun the same command to resume.", stop.signum)
-  finally:
-    stop.__exit__()
-    if bar is not None:
-      bar.close()
-    flush_train()
-    writer.close()
+  with guard.StopSignals() as stop:
     try:
-      ckpt.close()
-    except Exception as e:
-      if not guard.is_disk_full(e):
-        raise
-      raise guard.DiskFullError(f"disk full while finishing a checkpoint in {ckpt.directory}; "
-                                "free space and rerun the same command (resume is exact "
-                                "from the newest complete checkpoint).") from None
+      for step in range(start, steps + 1):
+        if step % every == 0 or step == steps:
+          rows = eval_rows(evaluator, members, state, s.hparams, step, last_train,
+                           label_temp=lab.cfg.label_temp)
+          writer.write(rows)
+          top = max((r for r in rows if r.get(key) is not None and math.isfinite(r[key])),
+                    key=lambda r: r[key], default=None)
+          if top is not None:
+            best = algo.describe(top)
+            if bar is not None:
+              bar.set_postfix_str(f"best {best}")
+        if step == steps:
+          break
+        if stop_at is not None and step >= stop_at:
+          return workdir
+        state, metrics = s.step_fn(state, s.hparams, s.data)
+        last_train = metrics
+        pending.append((step + 1, metrics))
+        if (step + 1) % config.train.log_every == 0:
+          flush_train()
+        if ckpt.should_save(step + 1) or step + 1 == steps:
+          save(step + 1, metrics, force=step + 1 == steps)
+        if bar is not None:
+          bar.update(1)
+        if stop.requested and step + 1 < steps:
+          save(step + 1, metrics, force=True)
+          name = signal.Signals(stop.signum).name
+          raise guard.RunInterrupted(
+              f"stopped by {name} after step {step + 1} of {steps}: checkpoint saved and "
+              f"metrics flushed in {workdir}; rerun the same command to resume.", stop.signum)
+    finally:
+      if bar is not None:
+        bar.close()
+      flush_train()
+      writer.close()
+      try:
+        ckpt.close()
+      except Exception as e:
+        if not guard.is_disk_full(e):
+          raise
+        raise guard.DiskFullError(f"disk full while finishing a checkpoint in {ckpt.directory}; "
+                                  "free space and rerun the same command (resume is exact "
+                                  "from the newest complete checkpoint).") from None
 
   wall = time.time() - t_start
   if primary:

@@ -29,12 +29,14 @@ def rm_eval(**overrides) -> ml_collections.ConfigDict:
   return e
 
 
-def base(algorithm: str, lab: str = "small") -> ml_collections.ConfigDict:
+def base(algorithm: str, lab: str, evaluation: ml_collections.ConfigDict
+         ) -> ml_collections.ConfigDict:
   """The sections every run shares, unlocked; the caller adds ``sweep`` (and adjusts) then locks.
 
   Args:
     algorithm: a key of ``gpo_jax.algorithms.REGISTRY``.
     lab: the lab variant (``gpo_jax.lab.presets.VARIANTS``).
+    evaluation: the algorithm's eval section (:func:`gpo_eval`, :func:`rm_eval`).
   """
   c = ml_collections.ConfigDict()
   c.algorithm = algorithm
@@ -48,7 +50,7 @@ def base(algorithm: str, lab: str = "small") -> ml_collections.ConfigDict:
       # a loop over members beats one wide vmap (experiments/BENCH_SWEEP.md).
       member_chunk=1,
       log_every=10))                  # train metrics -> TensorBoard every this many steps
-  c.eval = gpo_eval() if algorithm == "gpo" else rm_eval()
+  c.eval = evaluation
   # One CPU device per core (cpu_devices=-1, lowered to divide the members) and the sweep
   # axis over all devices (sweep=-1). cpu_devices only matters where JAX runs on the CPU.
   c.mesh = ml_collections.ConfigDict(dict(preset="dp", sweep=-1, data=1, model=1,

@@ -116,7 +116,7 @@ class MetricsWriter:
     self.workdir = os.path.abspath(os.fspath(workdir))
     self.path = os.path.join(self.workdir, METRICS_FILE)
     self.active = (_process_index() == 0) if is_writer is None else is_writer
-    self.log = log or (lambda msg: print(msg))
+    self.log = log or print
     self._file = None
     self._tb = None
     if not self.active:
