@@ -6,6 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -44,6 +45,7 @@ from IPython.display import display
 import gpo_jax
 from gpo_jax.lab import corpus as corpus_lib
 from gpo_jax import lab as lab_lib
+from gpo_jax.lab import gold as gold_lib
 from gpo_jax.lab import steps as lab_build
 from gpo_jax.analysis import plots
 
@@ -65,7 +67,8 @@ corpus = lab.corpus
 cfg, s = lab.cfg, lab.stats
 graphdef, _ = nnx.split(lab.policy())
 gold_graphdef, _ = nnx.split(lab.gold())
-models = lab_build.Models(graphdef, lab.ref_state, gold_graphdef, lab.gold_state, lab.gold_mean, lab.gold_std)
+models = lab_build.Models(graphdef, lab.ref_state, gold_graphdef, lab.gold_state, lab.gold_mean, lab.gold_std,
+                          lab.gold_terms, gold_lib.tables(lab.corpus))
 print(lab_lib.summary(lab))
 
 # %% [markdown]
@@ -106,9 +109,8 @@ resp, mask = lab_build.sample_responses(graphdef, lab.ref_state, ctx, jax.random
 
 
 def gold_of(ctx_NxC, resp_NxT, mask_NxT):
-  """Normalised gold scores of responses to contexts (``Lab.gold_score`` on the joined sequence)."""
-  valid = np.concatenate([np.ones(ctx_NxC.shape, bool), mask_NxT], axis=1)
-  return lab.gold_score(np.concatenate([ctx_NxC, resp_NxT], axis=1), valid)
+  """The lab's gold scores of responses to contexts (``Lab.gold_score``)."""
+  return lab.gold_score(ctx_NxC, resp_NxT, mask_NxT)
 
 
 gold_ref = gold_of(ctx, resp, mask)

@@ -10,6 +10,7 @@ from gpo_jax.evaluation import policy as evaluation
 from gpo_jax.core import model as model_lib
 from gpo_jax.algorithms import gpo
 from gpo_jax.engine import program
+from gpo_jax.lab import gold as gold_lib
 
 P, V = 4, 10
 E, N_PER, N_REF, N_TEST = 8, 96, 16, 24
@@ -74,8 +75,9 @@ def case():
   stacked = jax.tree.unflatten(treedef, [perturb(x, i) for i, x in enumerate(leaves)])
   eval_prompts = prompts(E)
   ev = evaluation.Evaluator(
-      graphdef=graphdef, rest=rest, ref_params=ref, gold_graphdef=gold_graphdef,
-      gold_state=gold_state, gold_mean=0.3, gold_std=2.0, eval_prompts=eval_prompts,
+      graphdef=graphdef, rest=rest, ref_params=ref,
+      gold_fn=gold_lib.make_gold_fn(gold_graphdef, 0.3, 2.0, gold_lib.GoldTerms()),
+      gold_params={"net": gold_state, "tables": {}}, eval_prompts=eval_prompts,
       test_pairs=test,
       ecfg=evaluation.EvalConfig(n_prompts=E, samples_per_prompt=N_PER,
                                  ref_samples_per_prompt=N_REF, n_test_pairs=0, member_chunk=2,
@@ -162,3 +164,21 @@ def test_best_of_n_baseline(case):
   ref_gold = np.asarray(case["ev"].ref_gold_ExN, np.float64)
   np.testing.assert_allclose(bon["gold"][-1], ref_gold.max(1).mean() - ref_gold.mean(),
                              rtol=1e-5, err_msg="best-of-N over a pool of N is the pool max")
+
+
+def test_per_prompt_means_give_the_metric_and_its_prompt_clustered_se(case):
+  """Every sampled metric is the mean of its [M, E] per-prompt means; its SE is their spread / sqrt(E)."""
+  res = case["res"]
+  for name in ("kl", "gold/reward", "gold/win_rate", "response_len", "eos_frac"):
+    per = np.asarray(res["prompt/" + name], np.float64)
+    assert per.shape == (case["members"].size, E), (name, per.shape)
+    np.testing.assert_allclose(res[name], per.mean(1), rtol=1e-5, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(res[name + "_se"], per.std(1, ddof=1) / np.sqrt(E), rtol=1e-4,
+                               atol=1e-7, err_msg=name)
+  # gold/reward is paired with π_ref's pool mean on the same prompt (control variate).
+  ref_e = np.asarray(case["ev"].ref_gold_ExN, np.float64).mean(1)
+  assert np.all(np.isfinite(ref_e))
+  np.testing.assert_allclose(case["bon"]["ref_per_prompt"]["gold"], ref_e, rtol=1e-5, atol=1e-6)
+  assert np.all(res["n_prompts"] == E)
+  # One-token responses never end with EOS unless the token is EOS.
+  assert np.all((res["response_len"] == 1.0))

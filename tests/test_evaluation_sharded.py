@@ -55,7 +55,9 @@ def _check(result):
         f"{label}: metric names differ from the one-device run: {sorted(set(got) ^ set(want))}")
     for name in sorted(want):
       g, w = np.asarray(got[name]), np.asarray(want[name])
-      assert g.shape == w.shape == (m,), f"{label}: {name} has shape {g.shape}, want ({m},)"
+      want_shape = w.shape if name.startswith(("prompt/", "sample/")) else (m,)  # [M, ...]
+      assert g.shape == w.shape == want_shape and w.shape[0] == m, (
+          f"{label}: {name} has shape {g.shape}, want {want_shape}")
       if name in EXACT:
         np.testing.assert_array_equal(g, w, err_msg=(
             f"{label}: {name} differs from the one-device run; sampled tokens or "
@@ -70,10 +72,13 @@ def _check(result):
           f"{label}: {name}={got[name][0]} for member 0, which equals π_ref; it must be "
           "exactly 0 on any mesh (policy and reference must share one stacked forward)")
     bon, dense_bon = case["bon"], dense["bon"]
-    assert {k: v for k, v in bon.items() if k not in ("gold", "gold_se", "kl", "ref_gold_mean")} \
-        == {k: v for k, v in dense_bon.items() if k not in ("gold", "gold_se", "kl",
-                                                             "ref_gold_mean")}, label
-    for key in ("gold", "gold_se", "kl", "ref_gold_mean"):
+    close = ("gold", "gold_se", "kl", "ref_gold_mean", "ref_per_prompt")
+    assert {k: v for k, v in bon.items() if k not in close} \
+        == {k: v for k, v in dense_bon.items() if k not in close}, label
+    for part in bon["ref_per_prompt"]:
+      np.testing.assert_allclose(bon["ref_per_prompt"][part], dense_bon["ref_per_prompt"][part],
+                                 rtol=RTOL, atol=ATOL, err_msg=f"{label}: ref_per_prompt {part}")
+    for key in close[:-1]:
       np.testing.assert_allclose(bon[key], dense_bon[key], rtol=RTOL, atol=ATOL, err_msg=(
           f"{label}: bon.json {key} of the π_ref pool differs from the one-device pool"))
   return result

@@ -17,6 +17,7 @@ from gpo_jax.lab import corpus as corpus_lib
 from gpo_jax import lab as lab_lib
 from gpo_jax.lab import builder as lab_builder
 from gpo_jax.lab import store as lab_store
+from gpo_jax.lab import gold as gold_lib
 from gpo_jax.lab import steps as lab_build
 
 # The module, not the function ``build`` that ``gpo_jax.lab`` re-exports under the same name.
@@ -33,7 +34,8 @@ def _models(lab):
   import flax.nnx as nnx
   pg, ps = nnx.split(lab.policy())
   gg, gs = nnx.split(lab.gold())
-  return lab_build.Models(pg, ps, gg, gs, lab.gold_mean, lab.gold_std)
+  return lab_build.Models(pg, ps, gg, gs, lab.gold_mean, lab.gold_std, lab.gold_terms,
+                          gold_lib.tables(lab.corpus))
 
 
 # ---------------------------------------------------------------------- labels (pure)
@@ -85,9 +87,8 @@ def test_gold_normalised_under_fresh_ref_samples(tiny_lab):
   se_std = np.sqrt((m4 - g.var() ** 2) / n) / (2 * g.std()) * np.sqrt(1 + n / n_norm)
   assert abs(g.std() - 1) < 4 * se_std, f"fresh π_ref gold std {g.std():.3f} is not ~1"
   # Lab.gold_score (the public path) agrees with the batched scorer.
-  tokens = np.concatenate([ctx[:8], resp[:8]], axis=1)
-  valid = np.concatenate([np.ones_like(ctx[:8], bool), mask[:8]], axis=1)
-  np.testing.assert_allclose(lab.gold_score(tokens, valid), g[:8], rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(lab.gold_score(ctx[:8], resp[:8], mask[:8]), g[:8], rtol=1e-4,
+                             atol=1e-4)
 
 
 def test_stored_labels_follow_gold_bt(tiny_lab):

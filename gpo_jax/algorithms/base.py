@@ -43,7 +43,13 @@ class Evaluator(Protocol):
     """One-time work before training; returns ``{file name: JSON-ready dict}`` to write."""
 
   def __call__(self, params_M, hparams: Mapping[str, Array], step: int) -> dict[str, np.ndarray]:
-    """Metrics of every member at ``step``: ``{name: [M] array}``."""
+    """Metrics of every member at ``step``: ``{name: [M] array}``.
+
+    Names starting with ``prompt/`` may instead hold ``[M, E]`` per-prompt (per-cluster)
+    values and names starting with ``sample/`` ``[M, k, ...]`` sampled responses; the
+    engine saves those to ``per_prompt/<step>.npz`` (``/`` spelled ``__``) rather than into
+    the metrics rows, for the analysis's paired tests and the reports' examples.
+    """
 
 
 class Algorithm(abc.ABC):

@@ -233,9 +233,10 @@ class OfflineGPO(Algorithm):
 
   def validate(self, config, n_train: int) -> Members:
     e = config.eval
-    if e.n_prompts > config.lab.n_eval_prompts:
+    if e.n_prompts > config.lab.n_eval_prompts or e.n_prompts < 0:
       raise ValueError(f"eval.n_prompts={e.n_prompts} exceeds the lab's "
-                       f"n_eval_prompts={config.lab.n_eval_prompts}.")
+                       f"n_eval_prompts={config.lab.n_eval_prompts} (valid: 0 = all of "
+                       f"them, or 2..{config.lab.n_eval_prompts}).")
     too_big = [n for n in e.bon_n if n > e.ref_samples_per_prompt]
     if too_big:
       raise ValueError(f"eval.bon_n has {too_big}, larger than the π_ref pool "

@@ -16,11 +16,15 @@ def main(argv=None) -> int:
   p.add_argument("--out", default=None, help="output directory (default RUN_DIR/report, or comparison/ next to the first run)")
   p.add_argument("--step", type=float, default=None, help="step budget for the best-β comparison (default: final step)")
   p.add_argument("--no-figures", action="store_true", help="skip the figures (faster)")
-  p.add_argument("--overlap-threshold", type=float, default=Thresholds.overlap_rel_gap)
-  p.add_argument("--drop-z", type=float, default=Thresholds.drop_z)
-  p.add_argument("--min-rel-drop", type=float, default=Thresholds.min_rel_drop)
+  p.add_argument("--alpha", type=float, default=Thresholds.alpha,
+                  help="level of every test (default %(default)s)")
+  p.add_argument("--power", type=float, default=Thresholds.power,
+                  help="power at which minimum detectable effects are quoted (default %(default)s)")
   a = p.parse_args(argv)
-  th = Thresholds(overlap_rel_gap=a.overlap_threshold, drop_z=a.drop_z, min_rel_drop=a.min_rel_drop)
+  try:
+    th = Thresholds(alpha=a.alpha, power=a.power)
+  except ValueError as e:
+    p.error(str(e))
   if len(a.run_dirs) == 1:
     rep = analyze(a.run_dirs[0], a.out, step=a.step, thresholds=th, figures=not a.no_figures)
     print(rep.path)

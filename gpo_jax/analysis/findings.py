@@ -7,6 +7,8 @@ import dataclasses
 import numpy as np
 import pandas as pd
 
+from gpo_jax.analysis import inference
+
 SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE = "supported", "not supported", "inconclusive"
 
 
@@ -15,14 +17,16 @@ class Thresholds:
   """Decision rules behind the findings (stated in the report next to each verdict).
 
   Attributes:
-    overlap_rel_gap: frontiers overlap when the largest pairwise mean absolute gap,
-      divided by the spread of frontier gold, is below this.
-    drop_z: a peak-to-end drop must be at least this many standard errors...
-    min_rel_drop: ...and at least this fraction of the peak to count as "gold falls".
+    alpha: level of every test (one-sided where the claim has a direction).
+    power: the power at which minimum detectable effects are quoted.
   """
-  overlap_rel_gap: float = 0.1
-  drop_z: float = 3.0
-  min_rel_drop: float = 0.05
+  alpha: float = 0.05
+  power: float = 0.8
+
+  def __post_init__(self):
+    if not 0 < self.alpha < 0.5 or not 0.5 <= self.power < 1:
+      raise ValueError(f"Thresholds need 0 < alpha < 0.5 and 0.5 <= power < 1, got "
+                       f"alpha={self.alpha}, power={self.power}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,84 +52,112 @@ def _names(fams) -> str:
   return ", ".join(fams)
 
 
-def frontier_overlap(overlap: pd.DataFrame, overview: dict, th: Thresholds) -> Finding:
-  """SPEC §7.1: do the families' gold-vs-KL frontiers coincide?"""
-  q = "Do the gold-vs-KL frontiers of the families overlap?"
-  ok = overlap.dropna(subset=["rel_gap"])
+def frontier_overlap(pairs: pd.DataFrame, null: pd.DataFrame, overlap: pd.DataFrame,
+                     th: Thresholds) -> Finding:
+  """SPEC §7.1: do the families' gold-vs-KL frontiers coincide, measured against seed noise?"""
+  q = "Do the gold-vs-KL frontiers of the families overlap (beyond seed-to-seed noise)?"
+  ok = overlap.dropna(subset=["gap"])
   if ok.empty:
     return Finding("overlap", q, INCONCLUSIVE,
                    "Cannot compare frontiers: fewer than two families share a sqrt-KL range.")
-  w = ok.loc[ok["rel_gap"].idxmax()]
-  overlaps = w["rel_gap"] < th.overlap_rel_gap
-  text = (f"The frontiers of the {fmt(overview['n_families'])} families {'overlap' if overlaps else 'do not overlap'}: "
-          f"the largest mean absolute gap between two frontiers over their common sqrt-KL range is "
-          f"{fmt(w['gap'])} ({w['family_a']} vs {w['family_b']}, sqrt-KL {fmt(w['lo'])} to {fmt(w['hi'])}), "
-          f"which is {fmt(w['rel_gap'])} of the frontier gold spread {fmt(w['scale'])}, "
-          f"{'below' if overlaps else 'not below'} the threshold {fmt(th.overlap_rel_gap)}. "
-          f"Averaged over all {fmt(overview['n_pairs'])} pairs the relative gap is {fmt(overview['mean_rel_gap'])}.")
-  if not overlaps:
-    text += (f" {fmt(overview['n_pairs_above'])} of {fmt(overview['n_pairs'])} pairs exceed the threshold, "
-             "so the data do not show GPO's similar trade-offs across families.")
-  return Finding("overlap", q, SUPPORTED if overlaps else NOT_SUPPORTED, text)
+  w = ok.loc[ok["gap"].idxmax()]
+  largest = (f"The largest mean absolute gap between two families' frontiers (all seeds pooled) is "
+             f"{fmt(w['gap'])} ({w['family_a']} vs {w['family_b']}, sqrt-KL {fmt(w['lo'])} to "
+             f"{fmt(w['hi'])}).")
+  tested = pairs.dropna(subset=["p"]) if not pairs.empty else pairs
+  if null.empty or tested.empty:
+    return Finding("overlap", q, INCONCLUSIVE,
+                   largest + " There is no null to judge it by: each family needs at least two "
+                   "seeds (at least three for a pair to be able to reach p < 0.05), so a gap "
+                   "cannot be told from seed-to-seed noise.")
+  differ = tested[tested["p"] < th.alpha]
+  n = len(tested)
+  top = tested.loc[tested["cross_gap"].idxmax()]
+  text = (f"{largest} Seed by seed, the largest cross-family gap is {fmt(top['cross_gap'])} "
+          f"({top['family_a']} vs {top['family_b']}) against a within-family seed-vs-seed gap of "
+          f"{fmt(top['null_gap'])} on average (max {fmt(top['null_max'])}); one-sided "
+          f"Mann–Whitney p = {fmt(top['p'])}. Over all {fmt(n)} family pairs, the mean seed-vs-seed "
+          f"gap is {fmt(null['gap'].mean())}: frontier differences of about that size cannot be "
+          f"told from seed noise with these seeds. ")
+  k = len(differ)
+  p_count = inference.binomial_tail(k, n, th.alpha)
+  names = "; ".join(f"{r['family_a']} vs {r['family_b']} (gap {fmt(r['cross_gap'])}, p = {fmt(r['p'])})"
+                    for _, r in differ.iterrows())
+  text += (f"{fmt(k)} of {fmt(n)} pairs differ by more than seeds do at p < {fmt(th.alpha)}"
+           + (f" ({names})" if k else "") + f"; {fmt(th.alpha * n)} would by chance (binomial p = "
+           f"{fmt(p_count)}, approximate: pairs share families). ")
+  if k == 0 or p_count >= th.alpha:
+    text += ("No more pairs differ than chance allows, so the frontiers overlap within what this "
+             "run can resolve.")
+    return Finding("overlap", q, SUPPORTED, text)
+  text += "More pairs differ than chance allows: the frontiers do not all overlap."
+  return Finding("overlap", q, NOT_SUPPORTED, text)
 
 
-def best_beta_alignment(best: pd.DataFrame, overview: dict) -> Finding:
-  """SPEC §7.2: is the best β explained by f''(0)/|f'(0)|, i.e. do best beta_eff values align?"""
+def best_beta_alignment(shifts: pd.DataFrame, best: pd.DataFrame, th: Thresholds) -> Finding:
+  """SPEC §7.2: does the best β differ per family as f''(0)/|f'(0)| predicts? By curve registration."""
   q = "Does the best β differ per family as f''(0)/|f'(0)| predicts?"
-  pos = best[best["best_beta_eff"] > 0]
-  excluded = list(best.loc[~(best["best_beta_eff"] > 0), "family"])
-  if len(pos) < 2:
+  if shifts.empty:
+    edge = best[best["edge"] != ""] if not best.empty else best
     return Finding("best_beta", q, INCONCLUSIVE,
-                   f"Fewer than two families have a positive best beta_eff ({fmt(len(pos))}); cannot compare spreads.")
-  lo_b, hi_b = pos.loc[pos["best_beta"].idxmin()], pos.loc[pos["best_beta"].idxmax()]
-  lo_e, hi_e = pos.loc[pos["best_beta_eff"].idxmin()], pos.loc[pos["best_beta_eff"].idxmax()]
-  sb, se = overview["spread_beta"], overview["spread_beta_eff"]
-  closer = se < sb
-  def span(col, lo, hi):
-    if lo[col] == hi[col]:
-      return f"is {fmt(lo[col])} for every family compared"
-    return f"ranges from {fmt(lo[col])} ({lo['family']}) to {fmt(hi[col])} ({hi['family']})"
-  text = (f"At step {fmt(overview['step_budget'])}, the best β {span('best_beta', lo_b, hi_b)}, a max/min ratio of "
-          f"{fmt(sb)}; the best beta_eff = β·f''(0)/|f'(0)| {span('best_beta_eff', lo_e, hi_e)}, a ratio of {fmt(se)}. ")
-  if closer:
-    text += ("The best beta_eff values are closer together than the best β values, as the prediction says: "
-             "families need different β and the curvature ratio f''(0)/|f'(0)| accounts for the difference.")
-  else:
-    text += ("The best beta_eff values are not closer together than the best β values, so the data do not "
-             "support the prediction that f''(0)/|f'(0)| sets the best β.")
-  if excluded:
-    text += f" Excluded from both ratios: {_names(excluded)} (beta_eff is 0 there because f''(0) = 0)."
-  edge = best[best["edge"] != ""]
-  if len(edge):
-    text += (f" The best β is at the edge of the swept grid for {_names(edge['family'])}, "
-             "so the optimum may lie outside the grid and these spreads are bounds.")
-  return Finding("best_beta", q, SUPPORTED if closer else NOT_SUPPORTED, text)
+                   "No registration: it needs per-prompt results and at least 3 β values for at "
+                   f"least 2 families with f''(0) > 0. The argmax table (best β per family at step "
+                   f"{fmt(best['step'].max()) if not best.empty else 'n/a'}) is descriptive only"
+                   + (f"; the best β is at the grid edge for {fmt(len(edge))} families." if len(edge) else "."))
+  informative = shifts[np.abs(shifts["beta_pred"]) > 1e-9]
+  ref = shifts["reference"].iloc[0]
+  parts = [f"{r['family']}: δ = {fmt(r['shift'])} [{fmt(r['lo'])}, {fmt(r['hi'])}] "
+           f"(raw-β prediction {fmt(r['beta_pred'])})" for _, r in shifts.iterrows()]
+  text = (f"Registering each family's gold-vs-log β_eff curve at step {fmt(shifts['step'].iloc[0])} on "
+          f"{ref}'s (whole-curve shift δ in log β_eff units, prompt-bootstrap interval at level "
+          f"1 − α; grid spacing {fmt(shifts['grid_step'].median())}): " + "; ".join(parts) + ". "
+          "If f''(0)/|f'(0)| sets the best β, δ = 0; if raw β does, δ = log(c_f/c_ref). ")
+  if informative.empty:
+    return Finding("best_beta", q, INCONCLUSIVE,
+                   text + "No family has a curvature different from the reference's, so the "
+                   "two predictions coincide and the data cannot separate them.")
+  yes = informative[informative["curvature_in"] & ~informative["beta_in"]]
+  no = informative[~informative["curvature_in"]]
+  both = informative[informative["curvature_in"] & informative["beta_in"]]
+  if len(yes) == len(informative):
+    text += (f"For all {fmt(len(yes))} families whose curvature differs from {ref}'s, the interval "
+             "contains 0 and excludes the raw-β prediction: the curvature ratio accounts for the "
+             "different best β.")
+    return Finding("best_beta", q, SUPPORTED, text)
+  if len(no):
+    text += (f"The interval excludes 0 for {_names(no['family'])}: those curves do not line up in "
+             "β_eff, contrary to the prediction.")
+    return Finding("best_beta", q, NOT_SUPPORTED, text)
+  text += (f"For {_names(both['family'])} the interval contains both predictions: the grid and the "
+           "noise cannot tell them apart (a denser β grid or more prompts would).")
+  return Finding("best_beta", q, INCONCLUSIVE, text)
 
 
-def overoptimization(fam: pd.DataFrame, overview: dict, th: Thresholds) -> Finding:
-  """SPEC §7.3: does gold peak and then fall while KL keeps growing?"""
-  q = "Is overoptimisation visible (gold peaks, then falls as KL grows)?"
-  if fam.empty:
-    return Finding("overopt", q, INCONCLUSIVE, "No valid points.")
-  w = fam.loc[fam["drop"].idxmax()]
-  rule = (f"(criterion: a drop of at least {fmt(th.min_rel_drop)} of the peak and at least "
-          f"{fmt(th.drop_z)} standard errors)")
-  cite = (f"{w['family']}: peak gold {fmt(w['peak_gold'])} at KL {fmt(w['kl_at_peak'])}, then "
-          f"{fmt(w['gold_at_kl_max'])} at the largest KL reached, {fmt(w['kl_max'])} "
-          f"(drop {fmt(w['drop'])}"
-          + (f", {fmt(w['rel_drop'])} of the peak" if np.isfinite(w["rel_drop"]) else "")
-          + (f", {fmt(w['drop_z'])} standard errors)" if np.isfinite(w["drop_z"]) else "; no standard errors logged)"))
-  n_fall, n = overview["n_families_falling"], overview["n_families"]
-  members = (f" Per member, {fmt(overview['n_members_falling'])} of {fmt(overview['n_members'])} "
-             "trajectories fall after their own peak.")
-  if n_fall > 0:
-    falling = list(fam.loc[fam["falls"], "family"])
-    text = (f"Gold peaks and then falls while KL keeps growing in {fmt(n_fall)} of {fmt(n)} families "
-            f"({_names(falling)}) {rule}. Largest drop, {cite}.{members}")
-    rest = list(fam.loc[~fam["falls"], "family"])
-    if rest:
-      text += f" Gold does not fall in {_names(rest)}."
+def overoptimization(summary: pd.DataFrame, tests: pd.DataFrame, th: Thresholds) -> Finding:
+  """SPEC §7.3: does gold peak and then fall while KL keeps growing (per member, held-out test)?"""
+  q = "Is overoptimisation visible (a member's gold peaks, then falls as its KL grows)?"
+  if tests.empty:
+    return Finding("overopt", q, INCONCLUSIVE,
+                   "No per-prompt results (per_prompt/) in this run, so the held-out peak test "
+                   "cannot be run; rerun with the current evaluator.")
+  n, k = len(tests), int(tests["falls"].sum())
+  p_all = inference.binomial_tail(k, n, th.alpha)
+  rule = (f"(test: peak step chosen on half of the prompts, drop to the largest-KL step measured "
+          f"on the other half as a paired difference, one-sided at {fmt(th.alpha)})")
+  top = tests.loc[tests["drop_z"].idxmax()]
+  cite = (f"{top['family']} β = {fmt(top['beta'])}: gold {fmt(top['peak_gold'])} at step "
+          f"{fmt(top['peak_step'])} (KL {fmt(top['kl_at_peak'])}), {fmt(top['end_gold'])} at step "
+          f"{fmt(top['end_step'])} (KL {fmt(top['kl_end'])}); drop {fmt(top['drop'])} ± "
+          f"{fmt(top['drop_se'])}, z = {fmt(top['drop_z'])}")
+  mde = float(tests["mde"].median())
+  text = (f"{fmt(k)} of {fmt(n)} members' gold falls after its own peak {rule}; "
+          f"{fmt(th.alpha * n)} would by chance (binomial p = {fmt(p_all)}). Strongest: {cite}. "
+          f"The median minimum detectable drop (power {fmt(th.power)}) is {fmt(mde)}.")
+  sig = summary[summary["p_count"] < th.alpha] if not summary.empty else summary
+  if k > 0 and p_all < th.alpha:
+    text += (" Per family, more members fall than chance allows in "
+             + (_names(sig["family"]) if len(sig) else "no single family") + ".")
     return Finding("overopt", q, SUPPORTED, text)
-  text = (f"Gold does not peak and fall in any of the {fmt(n)} families {rule}; the largest drop from the peak to "
-          f"the value at the largest KL is in {cite}. This run does not show overoptimisation.{members}")
+  text += (f" Gold does not peak and fall beyond chance in this run: a fall smaller than about "
+           f"{fmt(mde)} per member would not have been detected.")
   return Finding("overopt", q, NOT_SUPPORTED, text)

@@ -10,7 +10,7 @@ import pandas as pd
 
 from gpo_jax.analysis import findings as findings_lib
 from gpo_jax.analysis import frontier as frontier_lib
-from gpo_jax.analysis import gao, plots, stats
+from gpo_jax.analysis import evidence, gao, inference, plots, stats
 from gpo_jax.analysis.findings import Finding, Thresholds, fmt
 from gpo_jax.analysis.table import Run, load_run
 
@@ -23,13 +23,18 @@ class Report:
   run: Run
   out_dir: pathlib.Path
   summary: pd.DataFrame          # one row per family
-  members: pd.DataFrame          # per-member overoptimisation
-  family_stats: pd.DataFrame     # per-family overoptimisation (pooled over β and steps)
-  best: pd.DataFrame             # best β per family at the step budget
+  members: pd.DataFrame          # per member: the held-out peak-and-fall test
+  peak_summary: pd.DataFrame     # per family: members falling vs chance
+  family_stats: pd.DataFrame     # per family, pooled over β and steps: highest gold and its KL (descriptive)
+  best: pd.DataFrame             # best β per family at the step budget (argmax, descriptive)
   by_beta: pd.DataFrame          # gold per (family, β) at the step budget
-  overlap: pd.DataFrame          # pairwise frontier gaps
+  shifts: pd.DataFrame           # best β by curve registration, with bootstrap intervals
+  overlap: pd.DataFrame          # pairwise frontier gaps (all seeds pooled)
+  overlap_tests: pd.DataFrame    # family pairs against the seed-vs-seed null
+  seed_gaps: pd.DataFrame        # the null: within-family seed-vs-seed frontier gaps
+  member_fits: pd.DataFrame      # Gao RL form per member trajectory, SE-weighted
   frontiers: dict
-  fits: dict                     # (family, form) -> GaoFit; ("best-of-n", "bon") for the baseline
+  fits: dict                     # (family, form) -> GaoFit of the frontier; ("best-of-n", "bon")
   overview: dict                 # scalar statistics the findings use
   thresholds: Thresholds
   findings: list[Finding]
@@ -37,60 +42,79 @@ class Report:
   path: pathlib.Path | None = None                          # report.md
 
 
-def _fit_all(valid: pd.DataFrame, bon: dict | None) -> dict:
+def _fit_all(frontiers: dict, bon: dict | None) -> dict:
+  """Gao fits per curve: each family's frontier (Pareto points, SE-weighted) and the BoN curve."""
   fits = {}
-  for f, g in valid.groupby("family", sort=False):
-    for form in gao.FORMS:
-      try:
-        fits[(f, form)] = gao.fit_gao(g["sqrt_kl"], g["gold/reward"], form)
-      except ValueError:
-        pass  # too few distinct KL values: the family gets no fit, the table says n/a
+  for form in gao.FORMS:
+    for f, fit in evidence.frontier_gao_fits(frontiers, form).items():
+      fits[(f, form)] = fit
   if bon is not None:
     try:
-      fits[("best-of-n", "bon")] = gao.fit_gao(np.sqrt(np.asarray(bon["kl"], float)), bon["gold"], "bon")
+      se = np.asarray(bon.get("gold_se", []), float)
+      fits[("best-of-n", "bon")] = gao.fit_gao(
+          np.sqrt(np.asarray(bon["kl"], float)), bon["gold"], "bon",
+          se=se if se.size == len(bon["gold"]) and np.all(se[1:] > 0) else None)
     except ValueError:
       pass
   return fits
 
 
-def _summary(families, fam_stats, best, fits) -> pd.DataFrame:
+def _summary(families, fam_stats, best, fits, peak_summary, shifts, member_fits) -> pd.DataFrame:
   fs, bb = fam_stats.set_index("family"), best.set_index("family")
+  ps = peak_summary.set_index("family") if not peak_summary.empty else None
+  sh = shifts.set_index("family") if not shifts.empty else None
   rows = []
   for f in families:
     row = {"family": f}
     if f in fs.index:
-      row.update({k: fs.loc[f, k] for k in ("peak_gold", "kl_at_peak", "kl_max", "gold_at_kl_max", "drop",
-                                            "rel_drop", "drop_z", "falls", "members_falling")})
+      row.update({k: fs.loc[f, k] for k in ("peak_gold", "kl_at_peak")})
     if f in bb.index:
-      row.update({k: bb.loc[f, k] for k in ("best_beta", "best_beta_eff", "gold_at_best", "kl_at_best", "edge")})
+      row.update({k: bb.loc[f, k] for k in ("best_beta", "best_beta_eff", "gold_at_best", "edge")})
+    if sh is not None and f in sh.index:
+      row.update({"shift": sh.loc[f, "shift"], "shift_lo": sh.loc[f, "lo"], "shift_hi": sh.loc[f, "hi"]})
+    if ps is not None and f in ps.index:
+      row.update({"members_tested": ps.loc[f, "members"], "members_falling": ps.loc[f, "falling"],
+                  "median_mde": ps.loc[f, "median_mde"]})
+    if not member_fits.empty:
+      mf = member_fits[member_fits["family"] == f]
+      row["member_peaks_inside"] = int(mf["peak_inside"].sum())
     for form in gao.FORMS:
       fit = fits.get((f, form))
-      for k in ("alpha", "beta", "d_peak", "r_peak", "rmse"):
+      for k in ("alpha", "beta", "d_peak", "d_peak_se", "rmse", "chi2_red"):
         row[f"{form}_{k}"] = getattr(fit, k) if fit is not None else float("nan")
     rows.append(row)
   return pd.DataFrame(rows)
 
 
-def _overview(run, overlap, best, fam_stats, members, step, th: Thresholds) -> dict:
+def _overview(run, overlap, best, members, step, overlap_tests, seed_gaps, th) -> dict:
   pos = best[best["best_beta_eff"] > 0]
-  n_pairs = int(overlap["rel_gap"].notna().sum())
+  n_pairs = int(overlap["gap"].notna().sum())
+  n_tested = int(len(members))
+  n_falling = int(members["falls"].sum()) if n_tested else 0
+  n_pair_tests = int(overlap_tests["p"].notna().sum()) if not overlap_tests.empty else 0
+  n_differ = int((overlap_tests["p"] < th.alpha).sum()) if not overlap_tests.empty else 0
   return {
-      "n_families": len(run.families), "n_members": int(len(members)),
-      "n_members_falling": int(members["falls"].sum()) if len(members) else 0,
-      "n_families_falling": int(fam_stats["falls"].sum()) if len(fam_stats) else 0,
+      # the numbers the findings quote, computed once here
+      "alpha": th.alpha, "power": th.power,
+      "n_expected_falling": th.alpha * n_tested,
+      "p_members_falling": inference.binomial_tail(n_falling, n_tested, th.alpha) if n_tested else float("nan"),
+      "median_mde": float(members["mde"].median()) if n_tested else float("nan"),
+      "n_pair_tests": n_pair_tests, "n_pairs_expected_differ": th.alpha * n_pair_tests,
+      "n_pairs_differ": n_differ,
+      "p_pairs_differ": inference.binomial_tail(n_differ, n_pair_tests, th.alpha) if n_pair_tests else float("nan"),
+      "mean_seed_gap": float(seed_gaps["gap"].mean()) if not seed_gaps.empty else float("nan"),
+      "n_families": len(run.families), "n_members": int(run.table["member"].nunique()),
+      "n_members_tested": n_tested, "n_members_falling": n_falling,
       "n_diverged_members": int(run.table.loc[run.table["diverged"], "member"].nunique()),
-      "n_pairs": n_pairs, "mean_rel_gap": float(overlap["rel_gap"].mean()) if n_pairs else float("nan"),
-      "max_rel_gap": float(overlap["rel_gap"].max()) if n_pairs else float("nan"),
-      "n_pairs_above": int((overlap["rel_gap"] >= th.overlap_rel_gap).sum()),
+      "n_pairs": n_pairs,
       "spread_beta": stats.spread_ratio(pos["best_beta"]),
       "spread_beta_eff": stats.spread_ratio(pos["best_beta_eff"]),
-      "spread_beta_all": stats.spread_ratio(best["best_beta"]),
       "step_budget": step,
   }
 
 
 def compute(run: Run, *, step: float | None = None, thresholds: Thresholds | None = None,
-            out_dir=None) -> Report:
+            out_dir=None, bootstrap_reps: int = 200) -> Report:
   """All statistics and findings of a loaded run (no files written)."""
   th = thresholds or Thresholds()
   valid = run.valid
@@ -100,19 +124,26 @@ def compute(run: Run, *, step: float | None = None, thresholds: Thresholds | Non
   frontiers = frontier_lib.family_frontiers(valid)
   frontiers = {f: frontiers[f] for f in run.families if f in frontiers}
   overlap = frontier_lib.overlap_table(frontiers)
-  members = stats.member_overoptimization(valid, drop_z=th.drop_z, min_rel_drop=th.min_rel_drop)
-  fam_stats = stats.family_overoptimization(valid, members, drop_z=th.drop_z, min_rel_drop=th.min_rel_drop)
+  overlap_tests, seed_gaps = evidence.overlap_against_seeds(run, valid)
+  members = evidence.member_peak_tests(run, alpha=th.alpha, power=th.power)
+  peak_summary = evidence.family_peak_summary(members, alpha=th.alpha)
+  fam_stats = stats.family_overoptimization(valid)
   by_beta = stats.gold_by_beta(run.table, step)
   best = stats.best_beta(run.table, step)
-  fits = _fit_all(valid, run.bon)
-  overview = _overview(run, overlap, best, fam_stats, members, step, th)
-  found = [findings_lib.frontier_overlap(overlap, overview, th),
-           findings_lib.best_beta_alignment(best, overview),
-           findings_lib.overoptimization(fam_stats, overview, th)]
+  shifts = evidence.best_beta_shifts(run, step, reps=bootstrap_reps, level=1 - th.alpha)
+  member_fits = evidence.member_gao_fits(valid)
+  fits = _fit_all(frontiers, run.bon)
+  overview = _overview(run, overlap, best, members, step, overlap_tests, seed_gaps, th)
+  found = [findings_lib.frontier_overlap(overlap_tests, seed_gaps, overlap, th),
+           findings_lib.best_beta_alignment(shifts, best, th),
+           findings_lib.overoptimization(peak_summary, members, th)]
   return Report(run=run, out_dir=pathlib.Path(out_dir) if out_dir else run.path / REPORT_DIR,
-                summary=_summary(run.families, fam_stats, best, fits), members=members,
-                family_stats=fam_stats, best=best, by_beta=by_beta, overlap=overlap,
-                frontiers=frontiers, fits=fits, overview=overview, thresholds=th, findings=found)
+                summary=_summary(run.families, fam_stats, best, fits, peak_summary, shifts,
+                                 member_fits),
+                members=members, peak_summary=peak_summary, family_stats=fam_stats, best=best,
+                by_beta=by_beta, shifts=shifts, overlap=overlap, overlap_tests=overlap_tests,
+                seed_gaps=seed_gaps, member_fits=member_fits, frontiers=frontiers, fits=fits,
+                overview=overview, thresholds=th, findings=found)
 
 
 def make_figures(rep: Report) -> dict:
@@ -160,11 +191,45 @@ FIGURE_CAPTIONS = {
 
 SUMMARY_COLUMNS = {
     "family": "family", "peak_gold": "best gold", "kl_at_peak": "KL at best", "best_beta": "best β",
-    "best_beta_eff": "best beta_eff", "gold_at_best": "gold at best β", "bon_alpha": "Gao-BoN α",
-    "bon_beta": "Gao-BoN β", "bon_d_peak": "BoN d*", "bon_rmse": "BoN rmse", "rl_alpha": "Gao-RL α",
-    "rl_beta": "Gao-RL β", "rl_d_peak": "RL d*", "rl_rmse": "RL rmse", "drop": "drop from peak",
-    "falls": "falls", "members_falling": "members falling",
+    "best_beta_eff": "best beta_eff", "shift": "δ vs ref", "shift_lo": "δ lo", "shift_hi": "δ hi",
+    "rl_alpha": "frontier RL α", "rl_beta": "frontier RL β", "rl_d_peak": "RL d*", "rl_d_peak_se": "d* se",
+    "rl_chi2_red": "RL χ²/dof", "members_tested": "members", "members_falling": "falling",
+    "median_mde": "median MDE", "member_peaks_inside": "member fits peaking inside",
 }
+
+# Token ids of the lab's corpus (ARCHITECTURE.md conventions): content token t prints as w<t-5>.
+_SPECIAL = {0: "PAD", 1: "BOS", 2: "SEP", 3: "EOS", 4: "DEMO"}
+
+
+def _decode(tokens, mask) -> str:
+  return " ".join(_SPECIAL.get(int(t), f"w{int(t) - 5}") for t, m in zip(tokens, mask) if m)
+
+
+def shown_samples(run, n_members: int = 3) -> list[dict]:
+  """Sampled responses (saved by the evaluator) of the highest-KL members at the last eval step."""
+  pp = run.per_prompt
+  steps = [st for st in sorted(pp) if "sample/response" in pp[st]]
+  if not steps:
+    return []
+  step = steps[-1]
+  rows = run.valid[run.valid["step"] == step].sort_values("kl", ascending=False).head(n_members)
+  out = []
+  for _, r in rows.iterrows():
+    m = int(r["member"])
+    resp, mask = pp[step]["sample/response"][m], pp[step]["sample/mask"][m]
+    gold = pp[step].get("sample/gold")
+    out.append({"member": m, "family": r["family"], "beta": float(r["beta"]), "step": step,
+                "kl": float(r["kl"]), "eos_frac": float(r.get("eos_frac", float("nan"))),
+                "response_len": float(r.get("response_len", float("nan"))),
+                "responses": [(_decode(resp[i], mask[i]),
+                               float(gold[m][i]) if gold is not None else float("nan"))
+                              for i in range(resp.shape[0])]})
+  return out
+
+
+def _gold_kind(run) -> str:
+  lab = (run.config or {}).get("lab", {}) if isinstance(run.config, dict) else {}
+  return str(lab.get("gold_kind", "network")) if isinstance(lab, dict) else "network"
 
 
 def render_markdown(rep: Report) -> str:
@@ -172,9 +237,13 @@ def render_markdown(rep: Report) -> str:
   run, ov, th = rep.run, rep.overview, rep.thresholds
   rel = lambda p: p.relative_to(rep.out_dir).as_posix()  # noqa: E731
   out = [f"# gpo_jax sweep report: `{run.path.name}`", ""]
+  n_prompts = run.table["n_prompts"].dropna() if "n_prompts" in run.table else pd.Series(dtype=float)
   meta = [f"{fmt(ov['n_families'])} families, {fmt(ov['n_members'])} members "
           f"({fmt(ov['n_diverged_members'])} diverged, excluded from statistics after divergence), "
-          f"eval steps up to {fmt(run.table['step'].max())}; step budget for best β: {fmt(ov['step_budget'])}."]
+          f"eval steps up to {fmt(run.table['step'].max())}; step budget for best β: {fmt(ov['step_budget'])}. "
+          f"Gold: `{_gold_kind(run)}`"
+          + (f"; every member evaluated on the same {fmt(n_prompts.iloc[0])} prompts, standard errors "
+             "clustered by prompt." if len(n_prompts) else ".")]
   if run.manifest:
     keys = [k for k in ("lab", "wall_time_s", "mesh", "devices", "versions") if k in run.manifest]
     meta.append("Manifest: " + ", ".join(f"{k} = `{run.manifest[k]}`" for k in keys) + ".")
@@ -182,36 +251,54 @@ def render_markdown(rep: Report) -> str:
   if "frontiers_all" in rep.figures:
     out += [f"![frontiers of all families]({rel(rep.figures['frontiers_all'][0])})", "",
             f"*{FIGURE_CAPTIONS['frontiers_all']}*", ""]
+  out += ["## Findings", ""]
+  for i, f in enumerate(rep.findings, 1):
+    out += [f"### {i}. {f.question} — **{f.verdict}**", "", f.text, ""]
+  out += [f"Every test is at level {fmt(th.alpha)}; minimum detectable effects (MDE) are at "
+          f"{fmt(100 * th.power)}% power.", ""]
   out += ["## Summary per family", "",
-          "Best gold and the KL at which it occurs are pooled over β and steps; best β/beta_eff is the β with the "
-          f"highest gold at step {fmt(ov['step_budget'])}; Gao fits use every valid point of the family, "
-          "R(0) = 0, d = sqrt(KL); d* = n/a means no interior peak.", "",
+          "Best gold and its KL are pooled over β and steps (descriptive: the maximum of noisy points is biased "
+          f"up); best β is the argmax at step {fmt(ov['step_budget'])} (descriptive); δ is the registration "
+          "shift of the gold-vs-log β_eff curve against the reference family with its bootstrap interval; "
+          "Gao RL fits are per frontier (Pareto points, SE-weighted), R(0) = 0, d = sqrt(KL), d* = n/a: no "
+          "interior peak; falling = members whose held-out peak test rejects.", "",
           md_table(rep.summary, SUMMARY_COLUMNS), ""]
   bon_fit = rep.fits.get(("best-of-n", "bon"))
   if bon_fit is not None:
     out += [f"Best-of-n baseline ({run.bon['selector']}, pool N = {run.bon['N']}): Gao-BoN fit α = {fmt(bon_fit.alpha)}, "
             f"β = {fmt(bon_fit.beta)}, rmse = {fmt(bon_fit.rmse)}.", ""]
-  out += ["## Findings", ""]
-  for i, f in enumerate(rep.findings, 1):
-    out += [f"### {i}. {f.question} — **{f.verdict}**", "", f.text, ""]
-  out += [f"Decision rules: frontiers overlap if max pairwise relative gap < {fmt(th.overlap_rel_gap)}; "
-          f"gold falls if the drop is ≥ {fmt(th.min_rel_drop)} of the peak and ≥ {fmt(th.drop_z)} standard errors.", ""]
+  samples = shown_samples(run)
+  if samples:
+    out += ["## What the highest-KL policies say", "",
+            "First sample on each of the first eval prompts, at the last eval step (gold is reference-subtracted; "
+            "`w<k>` is content token k; a response without EOS ran into the length cap).", ""]
+    for smp in samples:
+      out += [f"- member {smp['member']} ({smp['family']}, β = {fmt(smp['beta'])}, step {fmt(smp['step'])}, "
+              f"KL {fmt(smp['kl'])}, mean length {fmt(smp['response_len'])}, EOS fraction {fmt(smp['eos_frac'])}):"]
+      out += [f"  - `{text}` (gold {fmt(g)})" for text, g in smp["responses"]]
+    out += [""]
   out += ["## Figures", ""]
   for name, paths in rep.figures.items():
     if name == "frontiers_all":
       continue
     out += [f"![{name}]({rel(paths[0])})", "", f"*{FIGURE_CAPTIONS.get(name, name)}* ([svg]({rel(paths[1])}))", ""]
-  out += ["## Frontier gaps (all pairs)", "",
+  if not rep.overlap_tests.empty:
+    out += ["## Frontier overlap against the seed null", "",
+            md_table(rep.overlap_tests, {"family_a": "family A", "family_b": "family B", "seeds": "seeds",
+                                         "cross_gap": "cross gap", "null_gap": "seed gap (mean)",
+                                         "null_max": "seed gap (max)", "p": "p"}), ""]
+  out += ["## Frontier gaps (all seeds pooled)", "",
           md_table(rep.overlap, {"family_a": "family A", "family_b": "family B", "gap": "mean |gap|",
                                  "rel_gap": "relative gap", "lo": "sqrt-KL from", "hi": "sqrt-KL to"}), ""]
   out += ["## Gold per β at the step budget", "",
           md_table(rep.by_beta, {"family": "family", "beta": "β", "beta_eff": "beta_eff", "gold": "gold",
                                  "gold_se": "se", "kl": "KL", "seeds": "seeds"}), ""]
-  out += ["## Members", "",
-          md_table(rep.members, {"member": "member", "family": "family", "beta": "β", "peak_gold": "peak gold",
-                                 "kl_at_peak": "KL at peak", "kl_max": "largest KL",
-                                 "gold_at_kl_max": "gold there", "drop": "drop", "drop_z": "drop/se",
-                                 "falls": "falls"}), ""]
+  if not rep.members.empty:
+    out += ["## Members: held-out peak-and-fall tests", "",
+            md_table(rep.members, {"member": "member", "family": "family", "beta": "β", "seed": "seed",
+                                   "peak_step": "peak step", "end_step": "end step", "kl_end": "KL at end",
+                                   "peak_gold": "gold at peak", "end_gold": "gold at end", "drop": "drop",
+                                   "drop_se": "se", "drop_z": "z", "mde": "MDE", "falls": "falls"}), ""]
   return "\n".join(out)
 
 
@@ -220,7 +307,8 @@ def write(rep: Report, figures: bool = True) -> pathlib.Path:
   rep.out_dir.mkdir(parents=True, exist_ok=True)
   if figures:
     rep.figures = make_figures(rep)
-  for name in ("summary", "members", "by_beta", "overlap"):
+  for name in ("summary", "members", "by_beta", "overlap", "overlap_tests", "seed_gaps", "shifts",
+               "member_fits"):
     getattr(rep, name).to_csv(rep.out_dir / f"{name}.csv", index=False)
   rep.path = rep.out_dir / "report.md"
   rep.path.write_text(render_markdown(rep))

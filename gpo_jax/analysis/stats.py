@@ -1,4 +1,4 @@
-"""Per-member and per-family statistics: overoptimisation (peak and drop of gold) and the best β at a step budget."""
+"""Descriptive per-family statistics: the highest gold reached, gold per β at a step budget, the argmax β."""
 
 from __future__ import annotations
 
@@ -14,56 +14,20 @@ def _se(row_or_rows) -> np.ndarray:
   return np.full(np.shape(row_or_rows[GOLD]), np.nan)
 
 
-def _drop_stats(peak, peak_se, final, final_se, *, drop_z: float, min_rel_drop: float) -> dict:
-  """Drop from a peak to a later value, its z-score, and whether it counts as a fall.
+def family_overoptimization(valid: pd.DataFrame) -> pd.DataFrame:
+  """Per family, pooled over β and steps: the highest gold, its SE and KL (descriptive).
 
-  A fall needs ``drop >= min_rel_drop * peak`` (peak > 0: gold is reference-subtracted,
-  so a non-positive peak never rose) and, where standard errors exist,
-  ``drop / sqrt(se_peak² + se_final²) >= drop_z``. The peak is the maximum of noisy
-  values and is biased upwards, hence both conditions.
+  The maximum over many noisy points is biased upwards; whether gold *falls* is tested per
+  member on held-out prompts (:func:`gpo_jax.analysis.evidence.member_peak_tests`).
   """
-  drop = peak - final
-  se = float(np.hypot(peak_se, final_se))
-  z = drop / se if np.isfinite(se) and se > 0 else float("nan")
-  rel = drop / peak if peak > 0 else float("nan")
-  falls = bool(peak > 0 and drop >= min_rel_drop * peak and (not np.isfinite(z) or z >= drop_z))
-  return {"drop": float(drop), "drop_z": float(z), "rel_drop": float(rel), "falls": falls}
-
-
-def _peak_and_end(g: pd.DataFrame, **kw) -> dict:
-  se = _se(g)
-  ip = int(np.argmax(g[GOLD].to_numpy()))
-  ie = int(np.argmax(g["kl"].to_numpy()))
-  peak, end = g.iloc[ip], g.iloc[ie]
-  return {"peak_gold": float(peak[GOLD]), "peak_gold_se": float(se[ip]), "kl_at_peak": float(peak["kl"]),
-          "step_at_peak": float(peak["step"]), "kl_max": float(end["kl"]),
-          "gold_at_kl_max": float(end[GOLD]), "gold_at_kl_max_se": float(se[ie]),
-          **_drop_stats(float(peak[GOLD]), float(se[ip]), float(end[GOLD]), float(se[ie]), **kw)}
-
-
-def member_overoptimization(valid: pd.DataFrame, *, drop_z: float = 3.0, min_rel_drop: float = 0.05) -> pd.DataFrame:
-  """Per member: peak gold, KL at the peak, gold at the largest KL reached, and the drop."""
-  rows = []
-  for m, g in valid.groupby("member", sort=False):
-    rows.append({"member": m, "family": g["family"].iloc[0], "beta": float(g["beta"].iloc[0]),
-                 "beta_eff": float(g["beta_eff"].iloc[0]),
-                 **_peak_and_end(g, drop_z=drop_z, min_rel_drop=min_rel_drop)})
-  return pd.DataFrame(rows)
-
-
-def family_overoptimization(valid: pd.DataFrame, members: pd.DataFrame | None = None, *,
-                            drop_z: float = 3.0, min_rel_drop: float = 0.05) -> pd.DataFrame:
-  """Per family, pooled over β and steps: the highest gold, its KL, gold at the family's largest KL.
-
-  Also counts the members whose own trajectory falls (``member_overoptimization``).
-  """
-  if members is None:
-    members = member_overoptimization(valid, drop_z=drop_z, min_rel_drop=min_rel_drop)
   rows = []
   for f, g in valid.groupby("family", sort=False):
-    mem = members[members["family"] == f]
-    rows.append({"family": f, **_peak_and_end(g, drop_z=drop_z, min_rel_drop=min_rel_drop),
-                 "members": int(len(mem)), "members_falling": int(mem["falls"].sum())})
+    se = _se(g)
+    ip = int(np.argmax(g[GOLD].to_numpy()))
+    peak = g.iloc[ip]
+    rows.append({"family": f, "peak_gold": float(peak[GOLD]), "peak_gold_se": float(se[ip]),
+                 "kl_at_peak": float(peak["kl"]), "step_at_peak": float(peak["step"]),
+                 "beta_at_peak": float(peak["beta"]), "kl_max": float(g["kl"].max())})
   return pd.DataFrame(rows)
 
 

@@ -14,9 +14,10 @@ import pandas as pd
 METRIC_FIELDS = (
     "step", "member", "family", "beta", "beta_eff", "lr", "seed", "gamma", "label_temp",
     "data_size", "kl", "kl_se", "kl_k1", "kl_k1_se", "kl_k3", "kl_k3_se", "sqrt_kl",
-    "n_samples", "gold/reward", "gold/reward_se", "gold/win_rate", "gold/win_rate_se",
-    "entropy", "rewards/chosen", "rewards/rejected", "rewards/margins",
-    "rewards/accuracies", "rho/mean", "offline_reg", "loss", "grad_norm", "diverged",
+    "n_samples", "n_prompts", "gold/reward", "gold/reward_se", "gold/win_rate",
+    "gold/win_rate_se", "response_len", "response_len_se", "eos_frac", "eos_frac_se",
+    "entropy", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+    "rewards/gold_accuracies", "rho/mean", "offline_reg", "loss", "grad_norm", "diverged",
 )
 OPTIONAL_FIELDS = ("proxy/reward",)
 # The analysis cannot run without these; the rest are used when present.
@@ -25,6 +26,7 @@ BON_KEYS = ("selector", "N", "n", "kl", "gold", "gold_se")
 
 METRICS_FILE, CONFIG_FILE, MANIFEST_FILE, BON_FILE = (
     "metrics.jsonl", "config.json", "manifest.json", "bon.json")
+PER_PROMPT_DIR = "per_prompt"     # <step:08d>.npz of [M, E] per-prompt means (runtime.writers)
 
 
 @dataclasses.dataclass
@@ -35,6 +37,31 @@ class Run:
   config: dict | None
   manifest: dict | None
   bon: dict | None
+  _per_prompt: dict | None = dataclasses.field(default=None, repr=False)
+
+  @property
+  def per_prompt(self) -> dict[int, dict[str, np.ndarray]]:
+    """``{step: {name: array}}`` from ``per_prompt/`` (empty for runs that predate it).
+
+    Names are the evaluator's: ``prompt/gold/reward`` etc. ``[M, E]`` per-prompt means
+    (rows are member ids), ``sample/response`` etc. for shown samples.
+    """
+    if self._per_prompt is None:
+      self._per_prompt = read_per_prompt(self.path)
+    return self._per_prompt
+
+  def prompt_matrix(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(steps [S], values [S, M, E])`` of per-prompt metric ``name`` (e.g. ``gold/reward``)."""
+    pp = self.per_prompt
+    key = "prompt/" + name
+    steps = np.array(sorted(st for st in pp if key in pp[st]), dtype=np.int64)
+    if steps.size == 0:
+      raise KeyError(f"{self.path}: no per-prompt values of {name!r} (per_prompt/ missing "
+                     "or from an older run)")
+    shapes = {pp[int(st)][key].shape for st in steps}
+    if len(shapes) != 1:
+      raise ValueError(f"{self.path}: per-prompt {name!r} changes shape across steps: {shapes}")
+    return steps, np.stack([pp[int(st)][key] for st in steps]).astype(np.float64)
 
   @property
   def valid(self) -> pd.DataFrame:
@@ -76,6 +103,20 @@ def read_jsonl(path: pathlib.Path) -> list[dict]:
       else:
         raise ValueError(f"{path}: line {k + 1} is not JSON: {e}") from e
   return rows
+
+
+def read_per_prompt(run_dir) -> dict[int, dict[str, np.ndarray]]:
+  """Reads ``RUN_DIR/per_prompt/<step>.npz`` (keys spell ``/`` as ``__``)."""
+  d = pathlib.Path(run_dir) / PER_PROMPT_DIR
+  out = {}
+  if not d.is_dir():
+    return out
+  for f in sorted(d.glob("*.npz")):
+    if not f.stem.isdigit():
+      continue
+    with np.load(f) as z:
+      out[int(f.stem)] = {k.replace("__", "/"): z[k] for k in z.files}
+  return out
 
 
 def _read_json(path: pathlib.Path) -> dict | None:

@@ -65,3 +65,10 @@ def pair_scores(reward_model, batch: Mapping[str, Array]) -> tuple[Array, Array]
   valid = jnp.concatenate([ctx != 0, mask > 0], axis=1)
   r = reward_model(tokens, valid)
   return r[:b], r[b:]
+
+
+def ends_with_eos(resp_BxT, mask_BxT, eos_id: int = 3) -> jax.Array:
+  """1.0 where a response's last masked token is EOS (0.0: it ran into the length cap)."""
+  last = jnp.maximum(jnp.sum(mask_BxT > 0, axis=-1) - 1, 0)
+  tok = jnp.take_along_axis(resp_BxT, last[:, None], axis=-1)[:, 0]
+  return (tok == eos_id).astype(jnp.float32)

@@ -15,11 +15,23 @@ samples we measure (SPEC §4):
 * ``entropy``: the policy's per-token entropy along its own samples.
 * Offline diagnostics on held-out test pairs with TRL names: ``rewards/chosen`` ``=
   β(log π(y_w) − log π_ref(y_w))``, ``rewards/rejected``, ``rewards/margins``,
-  ``rewards/accuracies``, plus ``rho/mean``, ``offline_reg = ½ mean ρ²``, ``beta_eff``.
+  ``rewards/accuracies``, plus ``rho/mean``, ``offline_reg = ½ mean ρ²``, ``beta_eff``, and
+  ``rewards/gold_accuracies`` (the implicit reward's accuracy against the gold ordering).
   ``log π_ref`` is recomputed alongside ``log π`` (not read from the dataset), so at
   ``π = π_ref`` every margin is exactly 0 and the accuracy 0, whatever the mesh.
 
-Every sampled estimate comes with ``n_samples`` and a standard error ``*_se``. The policy
+Every member is evaluated on the *same* prompts (all of the lab's eval prompts by
+default), so members, steps and π_ref can be compared prompt by prompt (SPEC §4). Each
+sampled estimate is the mean of per-prompt means and comes with ``n_samples``,
+``n_prompts`` and a standard error ``*_se`` clustered by prompt (the spread of the
+per-prompt means over ``sqrt(n_prompts)``: samples of one prompt are not independent).
+``gold/reward`` is paired per prompt with π_ref's pool mean on that prompt (a control
+variate: the prompt's difficulty cancels). The per-prompt means themselves come back
+as ``[M, E]`` arrays under ``prompt/<name>`` (saved to ``per_prompt/<step>.npz``); the
+analysis builds paired step-vs-step and member-vs-member tests from them. Also
+``response_len`` (mean tokens including EOS) and ``eos_frac`` (fraction of responses that
+end with EOS rather than at the length cap) beside gold: a gold gain from responses the
+world never produces is visible as such (SPEC §3). The policy
 and the reference are run through the *same* vmapped forward (stacked as a pair), so at
 step 0, where the parameters equal π_ref, the exact KL and every offline log-ratio are
 exactly 0, on one device or a sharded mesh.
@@ -53,6 +65,13 @@ Array = jax.Array
 _EVAL_STREAM = 0xE7A1
 _REF_STREAM = 0x7EF
 BON_FILE = "bon.json"
+#: prefix of the ``[M, E]`` per-prompt arrays in the evaluator's result (saved by the loop
+#: to ``per_prompt/<step>.npz``, the input of every paired comparison in the analysis)
+PER_PROMPT = "prompt/"
+#: prefix of the ``[M, k, ...]`` sampled responses kept for reports (first sample of each
+#: of the first ``N_SHOWN`` prompts), saved with the per-prompt arrays
+SHOWN = "sample/"
+N_SHOWN = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +79,8 @@ class EvalConfig:
   """Sizes of one evaluation.
 
   Attributes:
-    n_prompts: held-out eval prompts used (the first ``n_prompts`` of ``Lab.eval_prompts``).
+    n_prompts: held-out eval prompts used (the first ``n_prompts`` of ``Lab.eval_prompts``;
+      0 = all of them, the default: every member is compared on the same prompts).
     samples_per_prompt: policy samples per prompt and member (``n_samples = n_prompts *
       samples_per_prompt``).
     ref_samples_per_prompt: ``π_ref`` pool per prompt (the ``R(0)`` baseline, win rate
@@ -70,7 +90,7 @@ class EvalConfig:
     bon_n: best-of-n sizes reported in ``bon.json`` (clipped to ``N``).
     seed: seed of the ``π_ref`` pool.
   """
-  n_prompts: int = 32
+  n_prompts: int = 0
   samples_per_prompt: int = 4
   ref_samples_per_prompt: int = 64
   n_test_pairs: int = 256
@@ -79,11 +99,22 @@ class EvalConfig:
   seed: int = 0
 
 
-def _mean_se(x_MxN: Array) -> tuple[Array, Array]:
-  n = x_MxN.shape[-1]
-  mean = jnp.mean(x_MxN, axis=-1)
-  se = jnp.std(x_MxN, axis=-1, ddof=1) / jnp.sqrt(n) if n > 1 else jnp.full_like(mean, jnp.nan)
+def _mean_se(x_MxE: Array) -> tuple[Array, Array]:
+  """Mean over prompts and its prompt-clustered standard error.
+
+  ``x_MxE`` holds per-prompt means (every prompt has the same number of samples, so the
+  mean of the per-prompt means is the sample mean). Samples of one prompt share the prompt
+  and are not independent; the prompt means are, so their spread gives the SE.
+  """
+  e = x_MxE.shape[-1]
+  mean = jnp.mean(x_MxE, axis=-1)
+  se = jnp.std(x_MxE, axis=-1, ddof=1) / jnp.sqrt(e) if e > 1 else jnp.full_like(mean, jnp.nan)
   return mean, se
+
+
+def _per_prompt(x_B: Array, e: int) -> Array:
+  """``[E * n]`` samples (prompt-major) → ``[E]`` per-prompt means."""
+  return jnp.mean(x_B.reshape(e, -1), axis=-1)
 
 
 class Evaluator:
@@ -93,23 +124,25 @@ class Evaluator:
   best-of-n), then :meth:`__call__` at every eval step.
   """
 
-  def __init__(self, *, graphdef, rest, ref_params, gold_graphdef, gold_state,
-               gold_mean: float, gold_std: float, eval_prompts: np.ndarray,
+  def __init__(self, *, graphdef, rest, ref_params, gold_fn, gold_params,
+               eval_prompts: np.ndarray,
                test_pairs: Mapping[str, np.ndarray],
                ecfg: EvalConfig, length_normalize: bool = False,
                sharding: jax.sharding.Sharding | None = None):
-    if ecfg.n_prompts > len(eval_prompts):
-      raise ValueError(f"eval.n_prompts={ecfg.n_prompts} exceeds the lab's "
-                       f"{len(eval_prompts)} eval prompts.")
-    if ecfg.samples_per_prompt < 2 and ecfg.n_prompts < 2:
-      raise ValueError("evaluation needs at least 2 samples for standard errors.")
+    if ecfg.n_prompts > len(eval_prompts) or ecfg.n_prompts < 0:
+      raise ValueError(f"eval.n_prompts={ecfg.n_prompts} must be in [0, "
+                       f"{len(eval_prompts)}] (the lab's eval prompts; 0 = all).")
+    n_prompts = ecfg.n_prompts or len(eval_prompts)
+    if n_prompts < 2:
+      raise ValueError(f"evaluation needs at least 2 prompts for prompt-clustered standard "
+                       f"errors, got eval.n_prompts={ecfg.n_prompts}.")
     self.ecfg = ecfg
     self.sharding = sharding
     self.graphdef, self.rest = graphdef, rest
     self.ref_params = self._place(ref_params)
-    self.gold_graphdef, self.gold_state = gold_graphdef, self._place(gold_state)
-    self.gold_mean, self.gold_std = float(gold_mean), float(gold_std)
-    self.prompts_ExP = self._place(jnp.asarray(eval_prompts[:ecfg.n_prompts]))
+    # gold_fn(gold_params, ctx, resp, mask) -> normalised gold (the lab's, any kind).
+    self.gold_fn, self.gold_state = gold_fn, self._place(gold_params)
+    self.prompts_ExP = self._place(jnp.asarray(eval_prompts[:n_prompts]))
     n_test = len(test_pairs["chosen"])
     k = n_test if ecfg.n_test_pairs <= 0 else min(ecfg.n_test_pairs, n_test)
     self.test = self._place({key: jnp.asarray(v[:k])
@@ -117,6 +150,7 @@ class Evaluator:
     self.resp_len = int(test_pairs["chosen"].shape[1])
     self.length_normalize = length_normalize
     self.ref_gold_ExN = None
+    self.ref_gold_E = None
     self.ref_gold_mean = None
     self._eval = jax.jit(self._eval_all)
     self._pool = jax.jit(self._pool_fn)
@@ -129,11 +163,10 @@ class Evaluator:
   def from_lab(cls, lab, graphdef, rest, ecfg: EvalConfig,
                length_normalize: bool = False,
                sharding: jax.sharding.Sharding | None = None) -> "Evaluator":
-    gold_graphdef, gold_state = nnx.split(lab.gold())
+    gold_fn, gold_params = lab.gold_fn()
     ref_params = nnx.state(lab.policy(), nnx.Param)
     return cls(graphdef=graphdef, rest=rest, ref_params=ref_params,
-               gold_graphdef=gold_graphdef, gold_state=gold_state,
-               gold_mean=lab.gold_mean, gold_std=lab.gold_std,
+               gold_fn=gold_fn, gold_params=gold_params,
                eval_prompts=np.asarray(lab.eval_prompts), test_pairs=lab.pairs("test"),
                ecfg=ecfg, length_normalize=length_normalize,
                sharding=sharding)
@@ -141,11 +174,8 @@ class Evaluator:
   # ------------------------------------------------------------------ shared pieces
 
   def _gold(self, gold_state, ctx_BxP, resp_BxT, mask_BxT) -> Array:
-    """Gold score normalised with the lab's constants (before reference subtraction)."""
-    gold = nnx.merge(self.gold_graphdef, gold_state)
-    tokens = jnp.concatenate([ctx_BxP, resp_BxT], axis=1)
-    valid = jnp.concatenate([ctx_BxP != sampling.PAD, mask_BxT > 0], axis=1)
-    return (gold(tokens, valid) - self.gold_mean) / self.gold_std
+    """The lab's normalised gold score (before reference subtraction)."""
+    return self.gold_fn(gold_state, ctx_BxP, resp_BxT, mask_BxT)
 
   def _sample(self, params, ctx_BxP, key):
     # Always temperature 1: the KL and gold estimates are about π itself.
@@ -160,7 +190,8 @@ class Evaluator:
     def one_prompt(ctx_P, k):
       ctx = jnp.broadcast_to(ctx_P, (n,) + ctx_P.shape)
       resp, mask = self._sample(ref_params, ctx, k)
-      return self._gold(gold_state, ctx, resp, mask)
+      return (self._gold(gold_state, ctx, resp, mask),
+              jnp.sum(mask, axis=-1).astype(jnp.float32), sequences.ends_with_eos(resp, mask, sampling.EOS))
 
     keys = jax.random.split(key, prompts_ExP.shape[0])
     return jax.lax.map(lambda a: one_prompt(*a), (prompts_ExP, keys))
@@ -171,19 +202,30 @@ class Evaluator:
     Returns:
       The best-of-n curve (ARCHITECTURE.md ``bon.json`` layout) from pools of
       ``N = ref_samples_per_prompt`` samples per eval prompt, selected by gold; gold is
-      reference-subtracted (the pool mean), so ``n = 1`` gives 0.
+      reference-subtracted (the pool mean), so ``n = 1`` gives 0. Also ``ref_per_prompt``:
+      π_ref's per-prompt pool means (gold before subtraction, response length, EOS
+      fraction), the control variate every member's gold is paired with.
     """
     e, n = self.prompts_ExP.shape[0], self.ecfg.ref_samples_per_prompt
     key = jax.random.fold_in(jax.random.key(self.ecfg.seed), _REF_STREAM)
-    gold_ExN = distributed.to_host(
-        self._pool(self.ref_params, self.gold_state, self.prompts_ExP, key)).astype(np.float64)
+    gold, length, eos = self._pool(self.ref_params, self.gold_state, self.prompts_ExP, key)
+    gold_ExN = distributed.to_host(gold).astype(np.float64)
+    length_ExN = distributed.to_host(length).astype(np.float64)
+    eos_ExN = distributed.to_host(eos).astype(np.float64)
     self.ref_gold_mean = float(gold_ExN.mean())
     self.ref_gold_ExN = self._place(jnp.asarray(gold_ExN, jnp.float32))
+    self.ref_gold_E = self._place(jnp.asarray(gold_ExN.mean(axis=1), jnp.float32))
     ns = sorted({int(v) for v in self.ecfg.bon_n if 1 <= v <= n} | {1})
     curve = bon_lib.best_of_n(gold_ExN - self.ref_gold_mean, ns=ns, selector="gold")
     out = curve.to_json_dict()
     out["ref_gold_mean"] = self.ref_gold_mean
     out["num_prompts"] = int(e)
+    out["ref_response_len"] = float(length_ExN.mean())
+    out["ref_eos_frac"] = float(eos_ExN.mean())
+    out["ref_per_prompt"] = {"gold": gold_ExN.mean(axis=1).tolist(),
+                             "gold_sd": gold_ExN.std(axis=1, ddof=1).tolist(),
+                             "response_len": length_ExN.mean(axis=1).tolist(),
+                             "eos_frac": eos_ExN.mean(axis=1).tolist()}
     return out
 
   def artifacts(self) -> dict[str, Any]:
@@ -223,12 +265,20 @@ class Evaluator:
     ref_ExN = aux["ref_gold"]
     win_B = jnp.mean(jax.nn.sigmoid(
         gold_B.reshape(e, n, 1) - ref_ExN[:, None, :]), axis=-1).reshape(-1)
-
+    per_sample = {"kl": kl_B, "kl_k1": k1_B, "kl_k3": k3_B,
+                  # Paired with π_ref's mean on the same prompt (the control variate):
+                  # the prompt's own difficulty cancels from every comparison.
+                  "gold/reward": gold_B - jnp.repeat(aux["ref_gold_E"], n),
+                  "gold/win_rate": win_B,
+                  "response_len": jnp.sum(m, axis=-1),
+                  "eos_frac": sequences.ends_with_eos(resp, mask, sampling.EOS)}
+    k = min(N_SHOWN, e)
     return {
-        "per_sample": {"kl": kl_B, "kl_k1": k1_B, "kl_k3": k3_B,
-                       "gold/reward": gold_B, "gold/win_rate": win_B},
+        "per_prompt": {name: _per_prompt(v, e) for name, v in per_sample.items()},
         "entropy": ent,
-        "response_len": jnp.mean(jnp.sum(m, axis=-1)),
+        # The first sample on each of the first k prompts, for reports to show as text.
+        "shown": {"response": resp[::n][:k], "mask": mask[::n][:k].astype(jnp.int8),
+                  "gold": gold_B[::n][:k] - aux["ref_gold_E"][:k]},
     }
 
   def _offline_log_ratios(self, params_M, ref_params, test) -> Array:
@@ -268,17 +318,27 @@ class Evaluator:
     fn = functools.partial(self._eval_member, step=step, aux=aux)
     out = jax.lax.map(lambda a: fn(*a), (params_M, hparams),
                       batch_size=min(self.ecfg.member_chunk, hparams["beta"].shape[0]))
-    per = out.pop("per_sample")
-    per["gold/reward"] = per["gold/reward"] - aux["ref_gold_mean"]
+    per = out.pop("per_prompt")
+    shown = out.pop("shown")
     res = dict(out)
+    res.update({SHOWN + name: v for name, v in shown.items()})
     # Offline diagnostics on held-out pairs (TRL names), the same definitions as training.
     lr_Mx2B = self._offline_log_ratios(params_M, aux["ref_params"], aux["test"])
     b = lr_Mx2B.shape[1] // 2
     res.update(diagnostics.preference_diagnostics(
         lr_Mx2B[:, :b], lr_Mx2B[:, b:], hparams["beta"][:, None],
         hparams["beta_eff_scale"][:, None]))
-    for name, x_MxN in per.items():
-      res[name], res[name + "_se"] = _mean_se(x_MxN)
+    # The implicit reward's accuracy against the *gold* ordering (not the sampled labels):
+    # the fraction of held-out pairs with distinct gold whose ρ has the sign of the gold
+    # difference (ρ = 0, as at π = π_ref, counts as wrong, like rewards/accuracies).
+    dg = aux["test"]["gold_chosen"] - aux["test"]["gold_rejected"]
+    rho = lr_Mx2B[:, :b] - lr_Mx2B[:, b:]
+    untied = (dg != 0).astype(jnp.float32)
+    res["rewards/gold_accuracies"] = (jnp.sum((rho * dg[None] > 0) * untied, axis=-1)
+                                      / jnp.maximum(jnp.sum(untied), 1.0))
+    for name, x_MxE in per.items():
+      res[name], res[name + "_se"] = _mean_se(x_MxE)
+      res[PER_PROMPT + name] = x_MxE
     res["sqrt_kl"] = jnp.sqrt(jnp.maximum(res["kl"], 0.0))
     return res
 
@@ -293,11 +353,12 @@ class Evaluator:
     if self.ref_gold_ExN is None:
       raise RuntimeError("call Evaluator.reference() before evaluating members.")
     aux = {"ref_params": self.ref_params, "gold_state": self.gold_state,
-           "ref_gold": self.ref_gold_ExN, "ref_gold_mean": jnp.float32(self.ref_gold_mean),
+           "ref_gold": self.ref_gold_ExN, "ref_gold_E": self.ref_gold_E,
            "prompts": self.prompts_ExP, "test": self.test}
     # A NumPy scalar, not a device-0 array: jit accepts it alongside multi-process arrays.
     res = self._eval(params_M, hparams, np.int32(step), aux)
     out = {k: distributed.to_host(v) for k, v in res.items()}
+    out["n_prompts"] = np.full(hparams["beta"].shape, self.prompts_ExP.shape[0], np.int64)
     out["n_samples"] = np.full(hparams["beta"].shape, self.prompts_ExP.shape[0]
                                * self.ecfg.samples_per_prompt, np.int64)
     return out

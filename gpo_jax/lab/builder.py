@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from gpo_jax.lab import corpus as corpus_lib
+from gpo_jax.lab import gold as gold_lib
 from gpo_jax.lab import steps
 from gpo_jax.lab import store
 from gpo_jax.lab.config import EVAL_PROMPTS, LAB_CODE_VERSION, LAB_JSON, SPLITS, LabConfig
@@ -70,6 +71,21 @@ def build(cfg: LabConfig, out_dir: str, log=print) -> dict:
   if not gold_std > 0:
     raise RuntimeError(f"gold scores of π_ref samples have zero spread (std={gold_std})")
   models = dataclasses.replace(models, gold_mean=gold_mean, gold_std=gold_std)
+  terms = gold_lib.GoldTerms()
+  if cfg.gold_kind == "coherent":
+    # Standardise the log-likelihood, then the combined score, under the same π_ref samples.
+    tbl = gold_lib.tables(corpus)
+    ll, eos = steps.coherence_inputs(tbl, norm_ctx, norm_resp, norm_mask, bs)
+    if not ll.std() > 0:
+      raise RuntimeError("the log-likelihood of π_ref samples has zero spread")
+    partial = gold_lib.GoldTerms("coherent", cfg.gold_coherence_weight, cfg.gold_cap_penalty,
+                                 float(ll.mean()), float(ll.std()))
+    combined = np.asarray(gold_lib.combine(partial, (raw - gold_mean) / gold_std, ll, eos),
+                          np.float64)
+    terms = dataclasses.replace(partial, mean=float(combined.mean()),
+                                std=float(combined.std()))
+    stats["gold/coherence_corr"] = float(np.corrcoef((raw - gold_mean) / gold_std, ll)[0, 1])
+    models = dataclasses.replace(models, gold_terms=terms, tables=tbl)
   timings["gold"] = time.time() - t
 
   # 3. Statistics of π_ref and gold.
@@ -106,6 +122,7 @@ def build(cfg: LabConfig, out_dir: str, log=print) -> dict:
   stats["build/seconds"] = timings
   meta = {"name": cfg.name, "hash": cfg.config_hash(), "code_version": LAB_CODE_VERSION,
           "config": cfg.to_dict(), "gold_mean": gold_mean, "gold_std": gold_std,
+          "gold_terms": terms.to_dict(),
           "stats": stats, "versions": store._versions(),
           "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
           "files": {f: store._sha256(os.path.join(out_dir, f)) for f in store._all_files(out_dir)}}

@@ -17,6 +17,9 @@ from gpo_jax.core import model as model_lib
 
 # Bump when a change to the code changes what a given config builds.
 LAB_CODE_VERSION = "1"
+# gold_lib.GOLD_KINDS, repeated here so the config does not import JAX code.
+_GOLD_KINDS = ("network", "coherent")
+_GOLD_FIELDS = ("gold_kind", "gold_coherence_weight", "gold_cap_penalty")
 LAB_JSON = "lab.json"
 EVAL_PROMPTS = "eval_prompts.npy"
 SPLITS = ("train", "test")
@@ -67,6 +70,9 @@ class LabConfig:
   gold_init_scale: float = 3.0
   gold_pos_scale: float = 0.0
   gold_norm_samples: int = 1024
+  gold_kind: str = "network"
+  gold_coherence_weight: float = 1.0
+  gold_cap_penalty: float = 1.0
   n_train_pairs: int = 512
   n_test_pairs: int = 256
   n_eval_prompts: int = 64
@@ -89,6 +95,12 @@ class LabConfig:
       raise ValueError(f"LabConfig.label_flip={self.label_flip} must be in [0, 0.5]")
     if not self.sample_temperature > 0:
       raise ValueError(f"LabConfig.sample_temperature={self.sample_temperature} must be > 0")
+    if self.gold_kind not in _GOLD_KINDS:
+      raise ValueError(f"LabConfig.gold_kind={self.gold_kind!r} is not a gold kind; choose one "
+                       f"of {list(_GOLD_KINDS)}")
+    if self.gold_coherence_weight < 0 or self.gold_cap_penalty < 0:
+      raise ValueError(f"LabConfig.gold_coherence_weight={self.gold_coherence_weight} and "
+                       f"gold_cap_penalty={self.gold_cap_penalty} must be >= 0")
     if self.name != os.path.basename(self.name) or not self.name:
       raise ValueError(f"LabConfig.name={self.name!r} must be a plain directory-name prefix")
 
@@ -127,6 +139,11 @@ class LabConfig:
     """12 hex digits of SHA-256 over the config (minus its name) and ``LAB_CODE_VERSION``."""
     d = self.to_dict()
     d.pop("name")
+    # The gold-kind fields came after labs were first built: a network gold (which ignores
+    # the coherence knobs) hashes as before they existed, so existing labs keep their names.
+    if d.get("gold_kind") == "network":
+      for k in _GOLD_FIELDS:
+        d.pop(k)
     blob = json.dumps({"config": d, "code": LAB_CODE_VERSION}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

@@ -41,6 +41,11 @@ def lab_config(variant: str | None = None) -> ml_collections.ConfigDict:
   c.gold_init_scale = 3.0
   c.gold_pos_scale = 0.0
   c.gold_norm_samples = 4096
+  # "network": the network alone; "coherent": + weight * standardised exact log-likelihood
+  # under the true style mixture - penalty for ending at the cap without EOS (lab/gold.py).
+  c.gold_kind = "network"
+  c.gold_coherence_weight = 1.0
+  c.gold_cap_penalty = 1.0
 
   # Preference data: two π_ref samples per prompt (no demonstrations in context), labelled
   # by gold Bradley-Terry P(a > b) = sigmoid((g_a - g_b) / label_temp); hard_labels takes

@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import math
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -18,9 +19,11 @@ import optax
 from flax import nnx
 
 from gpo_jax.lab import corpus as corpus_lib
+from gpo_jax.lab import gold as gold_lib
 from gpo_jax.core import logprobs
 from gpo_jax.core import model as model_lib
 from gpo_jax.core import sampling
+from gpo_jax.core import sequences
 
 
 # ---------------------------------------------------------------------- batching helpers
@@ -272,17 +275,48 @@ class Models:
   gold_state: object
   gold_mean: float = 0.0
   gold_std: float = 1.0
+  gold_terms: gold_lib.GoldTerms = gold_lib.GoldTerms()
+  tables: Any = None       # gold_lib.tables(corpus); needed by a "coherent" gold
+
+
+@functools.lru_cache(maxsize=None)
+def _coherence_fn():
+  @jax.jit
+  def fn(tbl, ctx, resp, mask):
+    return (gold_lib.response_loglik(tbl, ctx, resp, mask),
+            sequences.ends_with_eos(resp, mask, corpus_lib.EOS))
+  return fn
+
+
+def coherence_inputs(tbl, ctx_NxC, resp_NxT, mask_NxT, batch_size: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+  """Per response: mean per-token log-likelihood under the style mixture, and ends-with-EOS."""
+  fn = _coherence_fn()
+  out = batched(lambda c, r, m: jnp.stack(fn(tbl, c, r, m), axis=-1),
+                [np.asarray(ctx_NxC), np.asarray(resp_NxT), np.asarray(mask_NxT)], batch_size)
+  return out[:, 0].astype(np.float64), out[:, 1].astype(np.float64)
 
 
 def score_gold(models: Models, ctx_NxC, resp_NxT, mask_NxT, batch_size: int,
                normalise: bool = True) -> np.ndarray:
-  """Gold scores of responses in context (normalised with ``models.gold_mean/std``)."""
+  """Gold scores of responses in context.
+
+  ``normalise=False`` gives the raw network score; otherwise the lab's gold: the network
+  normalised with ``models.gold_mean/std``, combined with the coherence terms of a
+  ``"coherent"`` gold (:mod:`gpo_jax.lab.gold`).
+  """
   fn = make_gold_fn(models.gold_graphdef)
   tokens = np.concatenate([ctx_NxC, resp_NxT], axis=1)
   valid = np.concatenate([ctx_NxC != corpus_lib.PAD, np.asarray(mask_NxT) > 0], axis=1)
   raw = batched(lambda t, v: fn(models.gold_state, t, v), [tokens, valid],
                 batch_size).astype(np.float64)
-  return (raw - models.gold_mean) / models.gold_std if normalise else raw
+  if not normalise:
+    return raw
+  net = (raw - models.gold_mean) / models.gold_std
+  if models.gold_terms.kind == "network":
+    return net
+  ll, eos = coherence_inputs(models.tables, ctx_NxC, resp_NxT, mask_NxT, batch_size)
+  return np.asarray(gold_lib.combine(models.gold_terms, net, ll, eos), np.float64)
 
 
 def ref_logprobs(models: Models, ctx_NxC, resp_NxT, mask_NxT, batch_size: int) -> np.ndarray:
@@ -405,6 +439,9 @@ def ref_and_gold_stats(cfg, corpus, models, norm_ctx, norm_resp, norm_mask) -> d
   inside = norm_mask & (norm_resp != corpus_lib.EOS)
   out["ref/frac_special_tokens"] = float(np.mean(norm_resp[inside] < corpus_lib.FIRST_CONTENT))
   gold = score_gold(models, norm_ctx, norm_resp, norm_mask, bs)
+  out["gold/kind"] = models.gold_terms.kind
+  out["ref/frac_eos"] = float(np.mean(sequences.ends_with_eos(norm_resp, norm_mask,
+                                                               corpus_lib.EOS)))
   out["gold/ref_mean"] = float(gold.mean())
   out["gold/ref_std"] = float(gold.std())
   out["gold/ref_quantiles"] = quantiles(gold)

@@ -51,6 +51,7 @@ import numpy as np
 from flax import nnx
 
 from gpo_jax.lab import corpus as corpus_lib
+from gpo_jax.lab import gold as gold_lib
 from gpo_jax.lab.config import (
     LAB_CODE_VERSION, LAB_JSON, EVAL_PROMPTS, SPLITS, LabConfig, LabCorruptError, LabError,
     LabLoadError)
@@ -67,8 +68,10 @@ class Lab:
     cfg: its :class:`LabConfig`.
     stats: the statistics recorded at build time (``lab.json``).
     policy_cfg, ref_state: π_ref's ``TransformerConfig`` and parameter ``nnx.State``.
-    gold_cfg, gold_state, gold_mean, gold_std: the gold model and the raw-score constants
+    gold_cfg, gold_state, gold_mean, gold_std: the gold network and the raw-score constants
       that normalise it to mean 0, std 1 under π_ref samples.
+    gold_terms: how the lab's gold combines the network with coherence terms
+      (:mod:`gpo_jax.lab.gold`; ``kind="network"``: the network alone).
     eval_prompts: held-out contexts ``[BOS] prompt [SEP]``, int32 ``[M, P + 2]``.
   """
 
@@ -82,6 +85,7 @@ class Lab:
   gold_mean: float
   gold_std: float
   eval_prompts: np.ndarray
+  gold_terms: gold_lib.GoldTerms = gold_lib.GoldTerms()
   _pairs_cache: dict = dataclasses.field(default_factory=dict, repr=False)
 
   @property
@@ -101,17 +105,28 @@ class Lab:
     """The gold ``RewardModel`` (raw scores; see :meth:`gold_score` for normalised ones)."""
     return _merge_copy(model_lib.RewardModel, self.gold_cfg, self.gold_state)
 
-  def gold_score(self, tokens_BxL, mask_BxL=None) -> np.ndarray:
-    """Normalised gold score of ``[BOS] prompt [SEP] response`` sequences.
+  def gold_score(self, ctx_BxC, resp_BxT, mask_BxT=None) -> np.ndarray:
+    """The lab's gold score (any kind) of responses to contexts ``[BOS] prompt [SEP]``.
 
-    ``mask_BxL`` marks valid tokens (context + response mask); the score is read at the
-    last one. Defaults to ``tokens != PAD``, right unless a response contains a PAD id.
+    ``mask_BxT`` marks the response tokens up to and including EOS; it defaults to
+    ``resp != PAD``, right unless a response contains a PAD id.
     """
-    tokens_BxL = np.asarray(tokens_BxL)
-    if mask_BxL is None:
-      mask_BxL = tokens_BxL != corpus_lib.PAD
-    raw = np.asarray(self.gold()(tokens_BxL, np.asarray(mask_BxL)), np.float64)
-    return (raw - self.gold_mean) / self.gold_std
+    resp_BxT = np.asarray(resp_BxT)
+    if mask_BxT is None:
+      mask_BxT = resp_BxT != corpus_lib.PAD
+    fn, params = self.gold_fn()
+    return np.asarray(fn(params, np.asarray(ctx_BxC), resp_BxT, np.asarray(mask_BxT)),
+                      np.float64)
+
+  def gold_fn(self):
+    """``(fn, params)``: ``fn(params, ctx_BxC, resp_BxT, mask_BxT) -> gold_B``, pure and jittable.
+
+    ``params`` is a pytree (the network's state and the corpus's likelihood tables), so it
+    can be placed on a mesh and passed through ``jit`` like any other argument.
+    """
+    graphdef, _ = nnx.split(self.gold())
+    fn = gold_lib.make_gold_fn(graphdef, self.gold_mean, self.gold_std, self.gold_terms)
+    return fn, {"net": self.gold_state, "tables": gold_lib.tables(self.corpus)}
 
   def pairs(self, split: str) -> dict[str, np.ndarray]:
     """Preference pairs of ``split`` as NumPy arrays, read through the TFDS data source.
@@ -417,7 +432,18 @@ def load_lab(path: str, verify: bool = True) -> Lab:
   return Lab(path=path, cfg=cfg, stats=meta["stats"], policy_cfg=cfg.policy_config,
              ref_state=ref_state, gold_cfg=cfg.gold_config, gold_state=gold_state,
              gold_mean=float(meta["gold_mean"]), gold_std=float(meta["gold_std"]),
-             eval_prompts=eval_prompts)
+             eval_prompts=eval_prompts, gold_terms=_gold_terms(path, meta))
+
+
+def _gold_terms(path: str, meta: dict) -> gold_lib.GoldTerms:
+  try:
+    terms = gold_lib.GoldTerms.from_dict(meta.get("gold_terms"))
+  except (TypeError, ValueError) as e:
+    raise LabCorruptError(f"lab {path}: lab.json's gold_terms are invalid ({e})") from None
+  if terms.kind != meta["config"].get("gold_kind", "network"):
+    raise LabCorruptError(f"lab {path}: lab.json's gold_terms are of kind {terms.kind!r} but "
+                          f"the config says gold_kind={meta['config'].get('gold_kind')!r}")
+  return terms
 
 
 # ---------------------------------------------------------------------- build or load

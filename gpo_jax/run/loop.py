@@ -251,9 +251,12 @@ def _run_locked(config, workdir, primary, t_start, *, stop_at, log, progress) ->
     try:
       for step in range(start, steps + 1):
         if step % every == 0 or step == steps:
+          per_prompt: dict = {}
           rows = eval_rows(evaluator, members, state, s.hparams, step, last_train,
-                           label_temp=lab.cfg.label_temp)
+                           label_temp=lab.cfg.label_temp, per_prompt=per_prompt)
           writer.write(rows)
+          if per_prompt:
+            writer.write_per_prompt(step, per_prompt)
           top = max((r for r in rows if r.get(key) is not None and math.isfinite(r[key])),
                     key=lambda r: r[key], default=None)
           if top is not None:
@@ -304,9 +307,23 @@ def _run_locked(config, workdir, primary, t_start, *, stop_at, log, progress) ->
   return workdir
 
 
-def eval_rows(evaluator, members, state, hp, step, last_train, *, label_temp) -> list[dict]:
-  """Metrics rows of every member at ``step``: member columns, evaluation, last train loss."""
+#: evaluator results under these prefixes are per-prompt or per-sample arrays ([M, ...]),
+#: saved to per_prompt/<step>.npz instead of the metrics rows
+SAVED_PREFIXES = ("prompt/", "sample/")
+
+
+def eval_rows(evaluator, members, state, hp, step, last_train, *, label_temp,
+              per_prompt: dict | None = None) -> list[dict]:
+  """Metrics rows of every member at ``step``: member columns, evaluation, last train loss.
+
+  Per-prompt and per-sample results (names starting with one of :data:`SAVED_PREFIXES`)
+  do not go into the rows; they are put into ``per_prompt`` (by full name) when it is given.
+  """
   res = evaluator(state["params"], hp, step)
+  for k in [k for k in res if k.startswith(SAVED_PREFIXES)]:
+    v = res.pop(k)
+    if per_prompt is not None:
+      per_prompt[k] = distributed.to_host(v)
   train = {k: distributed.to_host(jnp.asarray(v)) for k, v in dict(last_train).items()}
   diverged = distributed.to_host(state["diverged"])
   rows = []

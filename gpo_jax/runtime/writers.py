@@ -27,6 +27,7 @@ import numpy as np
 
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
+PER_PROMPT_DIR = "per_prompt"
 # Row fields that identify a row rather than measure something: not sent to TensorBoard.
 ID_FIELDS = ("step", "member", "family", "seed")
 
@@ -200,6 +201,25 @@ class MetricsWriter:
     self.log(f"WARNING: {self.path} was {what} while the run was writing it; its "
              f"{content.count(chr(10))} rows were restored from the open file and the run "
              "continues appending.")
+
+  def write_per_prompt(self, step: int, arrays: Mapping[str, Any]) -> str | None:
+    """Saves one eval step's ``[M, E]`` per-prompt arrays to ``per_prompt/<step>.npz``.
+
+    Written to a temporary file and renamed, so a crash never leaves a torn file; a resumed
+    run that re-evaluates a step rewrites it with the same values. Returns the path (None on
+    processes that do not write).
+    """
+    if not isinstance(step, numbers.Integral):
+      raise ValueError(f"write_per_prompt needs an integer step, got {step!r}.")
+    if not self.active:
+      return None
+    d = os.path.join(self.workdir, PER_PROMPT_DIR)
+    os.makedirs(d, exist_ok=True)
+    path = os.path.join(d, f"{int(step):08d}.npz")
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, **{k.replace("/", "__"): np.asarray(v) for k, v in arrays.items()})
+    os.replace(tmp, path)
+    return path
 
   def steps_present(self, n_members: int) -> set[int]:
     """Steps that have a row for each of ``n_members`` members in ``metrics.jsonl``."""
