@@ -1,42 +1,55 @@
-"""The README's main job: 6 GPO families x 7 betas x 1 seed on the ``small`` CPU lab.
+"""The README's main job: 3 GPO families x 4 betas x 3 seeds on 512 pairs of the ``small`` CPU lab, coherent gold.
 
-Run (measured 281 s wall on the quiet 2-core CPU machine, 300 steps x 42 members with 7
-evaluations, two XLA:CPU devices; building the ``small`` lab adds ~4 minutes the first
-time)::
+Run (about 6 minutes on 2 CPU cores after the ``small`` lab is built, which takes ~3.5 minutes
+the first time; README "Quick start" has the measured times)::
 
   python -m gpo_jax.main --config configs/cpu_sweep.py --workdir runs/cpu_sweep
 
-Override any field (the config is locked, so typos fail), e.g.
-``--config.train.steps=200 --config.sweep.seeds='(0, 1)'``. ``arg`` picks the lab variant
+What it is sized to show (chosen from the long-horizon runs in
+``experiments/results/long_horizon``): on 512 preference pairs, gold rises for ~2 epochs and
+then falls while KL keeps growing at small β (overoptimisation without any proxy, as
+Rafailov et al. 2024 report for direct alignment), and larger β trades KL for a slower
+rise and a later, smaller fall (the regularisation trade-off). 150 steps are ~9 epochs.
+Three data-order seeds give the frontier-overlap test its seed-vs-seed null; every member
+is evaluated on all 256 eval prompts (one sample each), so every comparison is paired by
+prompt. The gold is the lab's ``coherent`` gold (network + exact corpus log-likelihood −
+a penalty for running into the length cap; ``gpo_jax/lab/gold.py``).
+
+Override any field (the config is locked, so typos fail), e.g. all six families
+(``--config.sweep.families='("logistic", "hinge", "squared", "exponential",
+"truncated_quadratic", "savage")'``, about twice the time), the network-only gold
+(``--config.lab.gold_kind=network``: another lab) or all 4096 pairs
+(``--config.sweep.data_sizes='(0,)'``). ``arg`` picks the lab variant
 (``configs/cpu_sweep.py:tiny`` for a quick look).
 
 The grid is given in ``beta_eff = beta f''(0)/|f'(0)|`` units (SPEC §1) and converted per
 family by autodiff (``gpo_jax.objectives.losses.beta_from_beta_eff``; hinge, with
-``f''(0) = 0``, by its target margin: ``beta = beta_eff``). It spans strongly
-over-regularised (gold barely moves) to under-regularised members; in the committed runs
-the best beta is interior (README, "What the default run shows"). To give raw betas
-instead: ``--config.sweep.beta_effs='()' --config.sweep.betas='(0.1, 1.0)'``.
+``f''(0) = 0``, by its target margin: ``beta = beta_eff``). To give raw betas instead:
+``--config.sweep.beta_effs='()' --config.sweep.betas='(0.1, 1.0)'``.
 """
 
 import ml_collections
 
 from gpo_jax.run import presets
 
-# 0.003 was added after runs whose grid started at 0.01 found the best beta at that edge
-# for 4 of 6 families (README, "What the default run shows").
-BETA_EFF_GRID = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
+FAMILIES = ("logistic", "squared", "hinge")
+BETA_EFF_GRID = (0.01, 0.04, 0.16, 0.64)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Locked sweep config; ``arg`` = lab variant (default ``small``)."""
-  c = presets.base("gpo", arg or "small", presets.gpo_eval())
+  variant = arg or "small"
+  c = presets.base("gpo", variant, presets.gpo_eval(every=25, n_prompts=0, samples_per_prompt=1))
+  c.lab.gold_kind = "coherent"
+  c.train.steps = 150
   c.sweep = ml_collections.ConfigDict(dict(
-      families=presets.GPO_FAMILIES,
+      families=FAMILIES,
       beta_effs=BETA_EFF_GRID,
       betas=(),                    # raw betas instead (tuple or {family: tuple})
-      seeds=(0,),
-      lrs=(3e-4,),                 # 1e-3 lets even beta_eff = 3 members drift to KL ~ 2-4
+      seeds=(0, 1, 2),
+      lrs=(3e-4,),
       gammas=(0.0,),               # 0 = hard labels from the dataset
-      data_sizes=(0,)))            # 0 = all training pairs
+      # 512 of the lab's 4096 pairs (0 = all); the tiny lab has 512 in all
+      data_sizes=(512,)))
   c.lock()
   return c

@@ -56,7 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   scale, n, lab_seed = _parse(arg)
   cpu = scale == "cpu"
   c = presets.base("gpo", "small" if cpu else "large",
-                   presets.gpo_eval(n_prompts=0, samples_per_prompt=2 if cpu else 4,
+                   presets.gpo_eval(n_prompts=0, samples_per_prompt=1 if cpu else 4,
                                     ref_samples_per_prompt=32 if cpu else 64,
                                     bon_n=(1, 2, 4, 8, 16, 32) if cpu else (1, 2, 4, 8, 16, 32, 64)))
   c.lab.seed = lab_seed

@@ -94,6 +94,8 @@ def write_synthetic_run(path, *, peak: bool = True, aligned: bool = True, overla
           "rho/mean": 1.2 * d, "offline_reg": 0.5 * (1.2 * d) ** 2 * 0.3, "loss": 0.69 - 0.05 * d,
           "grad_norm": 1.0 / (1.0 + d), "diverged": diverged,
       }
+      row.update({"gold/network": gold, "gold/network_se": gold_se, "loglik": -2.0 - 0.1 * d,
+                  "loglik_se": 0.01})
       if with_proxy:
         row["proxy/reward"] = gold + 0.3 * d
       if diverged:

@@ -316,3 +316,20 @@ def test_cli_single_run(tmp_path, capsys):
   assert "report.md" in capsys.readouterr().out
   with pytest.raises(SystemExit):
     cli.main([str(run_dir), str(run_dir), "--step", "100"])
+
+
+def test_long_horizon_summary_script(tmp_path):
+  """experiments/long_horizon.py summarises runs from their files (on a synthetic run)."""
+  import importlib.util
+  run_dir = af.write_synthetic_run(tmp_path / "run", families=("logistic", "squared"), with_bon=False)
+  spec = importlib.util.spec_from_file_location("lh", ROOT / "experiments" / "long_horizon.py")
+  lh = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(lh)
+  assert lh.main([str(run_dir), "--out", str(tmp_path / "out"), "--no-figures"]) == 0
+  summary = pd.read_csv(tmp_path / "out" / "summary.csv")
+  assert len(summary) == 2 * len(af.BETA_EFFS) and (summary["seeds"] == 3).all()
+  md = (tmp_path / "out" / "summary.md").read_text()
+  assert "seeds falling" in md and (tmp_path / "out" / "run" / "report.md").exists()
+  # Members pushed past the synthetic peak fall in every seed.
+  far = summary[summary["kl_end"] > 3.0 ** 2 * 2.5]
+  assert len(far) and (far["falling"] == 3).all()

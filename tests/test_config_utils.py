@@ -96,3 +96,18 @@ def test_json_export_is_deterministic_and_plain(tmp_path):
   assert list(back) == sorted(back), "keys must be sorted so config.json diffs are stable"
   path = config_lib.write_config_json(c, tmp_path)
   assert json.loads(open(path).read()) == back
+
+
+def test_long_horizon_config_sizes_steps_by_epochs_and_names_bad_arguments():
+  import lab_fixture
+  c = lab_fixture.load_config("long_horizon.py", "cpu,512,1")
+  assert c.lab.seed == 1 and c.lab.gold_kind == "coherent" and c.sweep.data_sizes == (512,)
+  assert c.train.steps == 23 * 512 // c.train.batch_size          # 23 epochs
+  assert config_lib.member_count(c) == 3 * 6 * 3
+  full = lab_fixture.load_config("long_horizon.py", "full,65536")
+  assert full.lab.name == "large" and full.sweep.lrs == (1e-4, 3e-4, 1e-3)
+  for arg, pattern in [("gpu,512", r"scale in \['cpu', 'full'\]"), ("cpu,x", "must be integers"),
+                       ("cpu,500", "multiple of the batch size 32"),
+                       ("cpu,8192", "exceeds the cpu lab's 4096 pairs")]:
+    with pytest.raises(ValueError, match=pattern):
+      lab_fixture.load_config("long_horizon.py", arg)

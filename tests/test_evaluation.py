@@ -169,7 +169,7 @@ def test_best_of_n_baseline(case):
 def test_per_prompt_means_give_the_metric_and_its_prompt_clustered_se(case):
   """Every sampled metric is the mean of its [M, E] per-prompt means; its SE is their spread / sqrt(E)."""
   res = case["res"]
-  for name in ("kl", "gold/reward", "gold/win_rate", "response_len", "eos_frac"):
+  for name in ("kl", "gold/reward", "gold/win_rate", "response_len", "eos_frac", "gold/network"):
     per = np.asarray(res["prompt/" + name], np.float64)
     assert per.shape == (case["members"].size, E), (name, per.shape)
     np.testing.assert_allclose(res[name], per.mean(1), rtol=1e-5, atol=1e-6, err_msg=name)

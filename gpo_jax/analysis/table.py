@@ -19,7 +19,7 @@ METRIC_FIELDS = (
     "entropy", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
     "rewards/gold_accuracies", "rho/mean", "offline_reg", "loss", "grad_norm", "diverged",
 )
-OPTIONAL_FIELDS = ("proxy/reward",)
+OPTIONAL_FIELDS = ("gold/network", "gold/network_se", "loglik", "loglik_se", "proxy/reward")
 # The analysis cannot run without these; the rest are used when present.
 REQUIRED_FIELDS = ("step", "member", "family", "beta", "beta_eff", "kl", "gold/reward")
 BON_KEYS = ("selector", "N", "n", "kl", "gold", "gold_se")

@@ -30,8 +30,10 @@ variate: the prompt's difficulty cancels). The per-prompt means themselves come 
 as ``[M, E]`` arrays under ``prompt/<name>`` (saved to ``per_prompt/<step>.npz``); the
 analysis builds paired step-vs-step and member-vs-member tests from them. Also
 ``response_len`` (mean tokens including EOS) and ``eos_frac`` (fraction of responses that
-end with EOS rather than at the length cap) beside gold: a gold gain from responses the
-world never produces is visible as such (SPEC §3). The policy
+end with EOS rather than at the length cap) beside gold, and the gold function's parts
+(the lab's: ``gold/network``, the normalised network score, and ``loglik``, the exact mean
+per-token log-likelihood of the response under the corpus): a gold gain from responses
+the world never produces is visible as such (SPEC §3). The policy
 and the reference are run through the *same* vmapped forward (stacked as a pair), so at
 step 0, where the parameters equal π_ref, the exact KL and every offline log-ratio are
 exactly 0, on one device or a sharded mesh.
@@ -140,7 +142,8 @@ class Evaluator:
     self.sharding = sharding
     self.graphdef, self.rest = graphdef, rest
     self.ref_params = self._place(ref_params)
-    # gold_fn(gold_params, ctx, resp, mask) -> normalised gold (the lab's, any kind).
+    # gold_fn(gold_params, ctx, resp, mask) -> (normalised gold of the lab's kind, parts):
+    # parts are per-response diagnostics ({name: [B]}) reported beside gold.
     self.gold_fn, self.gold_state = gold_fn, self._place(gold_params)
     self.prompts_ExP = self._place(jnp.asarray(eval_prompts[:n_prompts]))
     n_test = len(test_pairs["chosen"])
@@ -173,8 +176,8 @@ class Evaluator:
 
   # ------------------------------------------------------------------ shared pieces
 
-  def _gold(self, gold_state, ctx_BxP, resp_BxT, mask_BxT) -> Array:
-    """The lab's normalised gold score (before reference subtraction)."""
+  def _gold(self, gold_state, ctx_BxP, resp_BxT, mask_BxT) -> tuple[Array, dict]:
+    """The lab's normalised gold score (before reference subtraction) and its parts."""
     return self.gold_fn(gold_state, ctx_BxP, resp_BxT, mask_BxT)
 
   def _sample(self, params, ctx_BxP, key):
@@ -190,8 +193,9 @@ class Evaluator:
     def one_prompt(ctx_P, k):
       ctx = jnp.broadcast_to(ctx_P, (n,) + ctx_P.shape)
       resp, mask = self._sample(ref_params, ctx, k)
-      return (self._gold(gold_state, ctx, resp, mask),
-              jnp.sum(mask, axis=-1).astype(jnp.float32), sequences.ends_with_eos(resp, mask, sampling.EOS))
+      gold, parts = self._gold(gold_state, ctx, resp, mask)
+      return (gold, jnp.sum(mask, axis=-1).astype(jnp.float32),
+              sequences.ends_with_eos(resp, mask, sampling.EOS), parts)
 
     keys = jax.random.split(key, prompts_ExP.shape[0])
     return jax.lax.map(lambda a: one_prompt(*a), (prompts_ExP, keys))
@@ -208,7 +212,8 @@ class Evaluator:
     """
     e, n = self.prompts_ExP.shape[0], self.ecfg.ref_samples_per_prompt
     key = jax.random.fold_in(jax.random.key(self.ecfg.seed), _REF_STREAM)
-    gold, length, eos = self._pool(self.ref_params, self.gold_state, self.prompts_ExP, key)
+    gold, length, eos, parts = self._pool(self.ref_params, self.gold_state, self.prompts_ExP,
+                                          key)
     gold_ExN = distributed.to_host(gold).astype(np.float64)
     length_ExN = distributed.to_host(length).astype(np.float64)
     eos_ExN = distributed.to_host(eos).astype(np.float64)
@@ -222,6 +227,8 @@ class Evaluator:
     out["num_prompts"] = int(e)
     out["ref_response_len"] = float(length_ExN.mean())
     out["ref_eos_frac"] = float(eos_ExN.mean())
+    for name, v in parts.items():   # π_ref's value of each gold part (e.g. ref_loglik)
+      out["ref_" + name.replace("/", "_")] = float(np.mean(distributed.to_host(v)))
     out["ref_per_prompt"] = {"gold": gold_ExN.mean(axis=1).tolist(),
                              "gold_sd": gold_ExN.std(axis=1, ddof=1).tolist(),
                              "response_len": length_ExN.mean(axis=1).tolist(),
@@ -261,7 +268,7 @@ class Evaluator:
     k3_B = jnp.expm1(log_r) - log_r
     ent = jnp.sum(logprobs.token_entropy(pol) * m) / jnp.maximum(jnp.sum(m), 1.0)
 
-    gold_B = self._gold(gold_state, ctx, resp, mask)
+    gold_B, parts = self._gold(gold_state, ctx, resp, mask)
     ref_ExN = aux["ref_gold"]
     win_B = jnp.mean(jax.nn.sigmoid(
         gold_B.reshape(e, n, 1) - ref_ExN[:, None, :]), axis=-1).reshape(-1)
@@ -271,7 +278,8 @@ class Evaluator:
                   "gold/reward": gold_B - jnp.repeat(aux["ref_gold_E"], n),
                   "gold/win_rate": win_B,
                   "response_len": jnp.sum(m, axis=-1),
-                  "eos_frac": sequences.ends_with_eos(resp, mask, sampling.EOS)}
+                  "eos_frac": sequences.ends_with_eos(resp, mask, sampling.EOS),
+                  **parts}
     k = min(N_SHOWN, e)
     return {
         "per_prompt": {name: _per_prompt(v, e) for name, v in per_sample.items()},

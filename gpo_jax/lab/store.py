@@ -115,11 +115,14 @@ class Lab:
     if mask_BxT is None:
       mask_BxT = resp_BxT != corpus_lib.PAD
     fn, params = self.gold_fn()
-    return np.asarray(fn(params, np.asarray(ctx_BxC), resp_BxT, np.asarray(mask_BxT)),
-                      np.float64)
+    gold, _ = fn(params, np.asarray(ctx_BxC), resp_BxT, np.asarray(mask_BxT))
+    return np.asarray(gold, np.float64)
 
   def gold_fn(self):
-    """``(fn, params)``: ``fn(params, ctx_BxC, resp_BxT, mask_BxT) -> gold_B``, pure and jittable.
+    """``(fn, params)``: ``fn(params, ctx_BxC, resp_BxT, mask_BxT) -> (gold_B, parts)``, jittable.
+
+    ``parts`` are per-response diagnostics (``gold/network``, ``loglik``;
+    :func:`gpo_jax.lab.gold.make_gold_fn`).
 
     ``params`` is a pytree (the network's state and the corpus's likelihood tables), so it
     can be placed on a mesh and passed through ``jit`` like any other argument.
