@@ -9,9 +9,11 @@ implicit reward's accuracy against the gold ordering (``rewards/gold_accuracies`
 
 ``arg`` is ``<scale>,<data_size>[,<lab_seed>]``:
 
-* ``cpu,<n>``: the ``small`` lab with the coherent gold, 3 seeds, one learning rate; sized
-  for 2 CPU cores (the committed report ran ``cpu,512`` and ``cpu,2048``, lab seeds 0 and
-  1; experiments/results/long_horizon/README.md has the commands and runtimes).
+* ``cpu,<n>``: the ``small`` lab with the coherent gold, 3 seeds, one learning rate, one
+  sample on each of the 256 eval prompts; sized for 2 CPU cores (``cpu,512`` took 35 min
+  with 54 members and 2 samples per prompt while other jobs shared the cores; the committed runs are ``cpu,512`` and ``cpu,1024`` on lab
+  seed 0, ``cpu,512,1`` and a network-gold control with one data-order seed:
+  experiments/results/long_horizon/README.md has the exact commands and runtimes).
 * ``full,<n>``: the ``large`` lab (65 536 pairs: n from 1024 to 65536), 5 seeds, learning
   rates (1e-4, 3e-4, 1e-3), for an accelerator.
 
