@@ -13,12 +13,11 @@ import json
 import os
 
 from gpo_jax.lab import corpus as corpus_lib
+from gpo_jax.lab.gold import GOLD_KINDS
 from gpo_jax.core import model as model_lib
 
 # Bump when a change to the code changes what a given config builds.
 LAB_CODE_VERSION = "1"
-# gold_lib.GOLD_KINDS, repeated here so the config does not import JAX code.
-_GOLD_KINDS = ("network", "coherent")
 _GOLD_FIELDS = ("gold_kind", "gold_coherence_weight", "gold_cap_penalty")
 LAB_JSON = "lab.json"
 EVAL_PROMPTS = "eval_prompts.npy"
@@ -95,9 +94,9 @@ class LabConfig:
       raise ValueError(f"LabConfig.label_flip={self.label_flip} must be in [0, 0.5]")
     if not self.sample_temperature > 0:
       raise ValueError(f"LabConfig.sample_temperature={self.sample_temperature} must be > 0")
-    if self.gold_kind not in _GOLD_KINDS:
+    if self.gold_kind not in GOLD_KINDS:
       raise ValueError(f"LabConfig.gold_kind={self.gold_kind!r} is not a gold kind; choose one "
-                       f"of {list(_GOLD_KINDS)}")
+                       f"of {list(GOLD_KINDS)}")
     if self.gold_coherence_weight < 0 or self.gold_cap_penalty < 0:
       raise ValueError(f"LabConfig.gold_coherence_weight={self.gold_coherence_weight} and "
                        f"gold_cap_penalty={self.gold_cap_penalty} must be >= 0")

@@ -129,20 +129,12 @@ def combine(terms: GoldTerms, net_B, loglik_B, eos_B) -> jax.Array:
   return (raw - terms.mean) / terms.std
 
 
-def score(terms: GoldTerms, tbl, net_B, ctx_BxC, resp_BxT, mask_BxT) -> jax.Array:
-  """:func:`combine` with the coherence inputs computed from the response (jittable)."""
-  if terms.kind == "network":
-    return net_B
-  return combine(terms, net_B, response_loglik(tbl, ctx_BxC, resp_BxT, mask_BxT),
-                 sequences.ends_with_eos(resp_BxT, mask_BxT))
-
-
 def make_gold_fn(graphdef, net_mean: float, net_std: float, terms: GoldTerms):
   """``fn(params, ctx_BxC, resp_BxT, mask_BxT) -> (gold_B, parts)`` for ``params = {"net", "tables"}``.
 
   Pure and jittable: the network reads ``[context, response]`` with the context's non-PAD
   tokens and the response mask valid, its score is normalised with the lab's constants,
-  then :func:`score` adds the coherence terms of a ``"coherent"`` gold. ``parts`` holds
+  then :func:`combine` adds the coherence terms of a ``"coherent"`` gold. ``parts`` holds
   per-response diagnostics whatever the kind: ``gold/network`` (the normalised network
   score) and, when ``params["tables"]`` is given, ``loglik`` (:func:`response_loglik`, how
   much the world would say this response).
@@ -154,13 +146,12 @@ def make_gold_fn(graphdef, net_mean: float, net_std: float, terms: GoldTerms):
     tokens = jnp.concatenate([ctx_BxC, resp_BxT], axis=1)
     valid = jnp.concatenate([ctx_BxC != corpus_lib.PAD, mask_BxT > 0], axis=1)
     net_B = (net(tokens, valid) - net_mean) / net_std
-    parts = {"gold/network": net_B}
+    parts, gold = {"gold/network": net_B}, net_B
     if params["tables"]:
-      ll = response_loglik(params["tables"], ctx_BxC, resp_BxT, mask_BxT)
-      parts["loglik"] = ll
-      gold = (net_B if terms.kind == "network" else
-              combine(terms, net_B, ll, sequences.ends_with_eos(resp_BxT, mask_BxT)))
-    else:
-      gold = score(terms, params["tables"], net_B, ctx_BxC, resp_BxT, mask_BxT)
+      parts["loglik"] = ll = response_loglik(params["tables"], ctx_BxC, resp_BxT, mask_BxT)
+      if terms.kind != "network":
+        gold = combine(terms, net_B, ll, sequences.ends_with_eos(resp_BxT, mask_BxT))
+    elif terms.kind != "network":
+      raise ValueError(f"a {terms.kind!r} gold needs the corpus tables (params['tables'])")
     return gold, parts
   return fn
