@@ -10,7 +10,9 @@ shardings, checkpoints and exact resume, metrics files. An algorithm owns what d
 ``member_count``       the number of members from the config alone (touches no device)
 ``model``              one member's initial model (an ``nnx.Module``) built from the lab
 ``init_member``        optional per-member change of the initial parameters (vmapped)
-``train_data``         the ``[N, ...]`` arrays the step indexes with the data order
+``train_data``         the ``[N, ...]`` arrays the step indexes with the data order; an
+                       entry under :data:`SHARED` (frozen models, tables) reaches the loss
+                       as ``batch[SHARED]``, whole and unindexed
 ``loss_fn``            the pure per-member loss ``(params, batch, hp, key) -> (loss, metrics)``
 ``train_metrics``      the names of the metrics ``loss_fn`` returns (besides ``loss``)
 ``evaluator``          an object with ``artifacts() -> {file name: JSON}`` (one-time work,
@@ -18,6 +20,8 @@ shardings, checkpoints and exact resume, metrics files. An algorithm owns what d
                        ``__call__(params_M, hp, step) -> {name: [M]}``
 ``headline``           the metric the progress bar ranks members by, and how to describe one
 ``report``             the report written after training (offline GPO: ``gpo_jax.analysis``)
+``export``             optional: writes the trained members for other runs (reward models:
+                       a proxy set for best-of-n and RL against a proxy)
 =====================  =====================================================================
 
 Adding a method is one module implementing this class, registered in
@@ -31,9 +35,12 @@ from typing import Any, Protocol
 import jax
 import numpy as np
 
+from gpo_jax.engine import program
 from gpo_jax.engine.members import Members
 
 Array = jax.Array
+#: key of ``train_data`` holding constants the loss reads whole (not indexed per example)
+SHARED = program.SHARED
 
 
 class Evaluator(Protocol):
@@ -97,6 +104,9 @@ class Algorithm(abc.ABC):
   def report(self, workdir: str, log) -> None:
     """Writes the run's report after training (``config.analyze``); default: none."""
     log(f"{self.name}: no report is defined; metrics.jsonl holds the numbers.")
+
+  def export(self, workdir: str, lab, config, graphdef, params_M, members: Members) -> None:
+    """Writes the final members for later runs (called on every process; default: nothing)."""
 
   def describe(self, row: Mapping[str, Any]) -> str:
     """A short label of a metrics row for the progress bar."""

@@ -38,6 +38,8 @@ LossFn = Callable[[Any, Mapping[str, Array], Mapping[str, Array], Array],
 
 # fold_in tag of the per-step key handed to an algorithm's loss (sampling inside the step).
 _STEP_STREAM = 0x57E9
+#: key of the train data whose value the loss receives whole as ``batch[SHARED]``
+SHARED = "shared"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +134,10 @@ def make_train_step(loss_fn: LossFn, tcfg: TrainConfig, *, member_groups: int = 
 
   def member_step(params, opt, diverged, hp, data, step):
     idx = data_lib.batch_indices(hp["seed"], hp["data_size"], step, bsz)
-    batch = jax.tree.map(lambda a: a[idx], data)
+    examples = {k: v for k, v in data.items() if k != SHARED}
+    batch = jax.tree.map(lambda a: a[idx], examples)
+    if SHARED in data:    # constants (frozen models, tables): read whole, never indexed
+      batch[SHARED] = data[SHARED]
     key = step_key(hp["seed"], step)
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, hp, key)
     gnorm = optax.tree.norm(grads)

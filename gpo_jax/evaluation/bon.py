@@ -93,6 +93,29 @@ class BonCurve:
             "gold_se": [float(v) for v in self.gold_se]}
 
 
+def per_prompt(select_PxN, measure_PxN=None, ns=None) -> np.ndarray:
+  """Per-prompt unbiased best-of-n estimates ``[P, len(ns)]`` of ``measure`` under ``select``.
+
+  The estimator of :func:`best_of_n` before averaging over prompts: row ``p`` holds, for
+  each ``n``, the exact mean of ``measure`` at the best (by ``select``) of a uniformly
+  random ``n``-subset of prompt ``p``'s pool (ties averaged). ``measure`` may be gold (the
+  usual curve) or the selecting proxy itself (the proxy's own curve). Paired tests across
+  ``n`` or across selectors use these rows: every curve is on the same prompts.
+  """
+  s = np.atleast_2d(np.asarray(select_PxN, dtype=np.float64))
+  g = s if measure_PxN is None else np.atleast_2d(np.asarray(measure_PxN, dtype=np.float64))
+  if s.ndim != 2 or s.shape != g.shape:
+    raise ValueError(f"select and gold must both be [P, N]; got {s.shape} and {g.shape}")
+  if not (np.all(np.isfinite(s)) and np.all(np.isfinite(g))):
+    raise ValueError("best_of_n got non-finite scores; drop those samples first")
+  N = s.shape[1]
+  order = np.argsort(s, axis=1, kind="stable")
+  s_sorted = np.take_along_axis(s, order, axis=1)
+  g_sorted = _tie_averaged(s_sorted, np.take_along_axis(g, order, axis=1))
+  ns_arr = np.arange(1, N + 1) if ns is None else np.asarray(ns, dtype=np.int64).reshape(-1)
+  return g_sorted @ bon_weights(N, ns_arr).T
+
+
 def best_of_n(select_PxN, gold_PxN=None, ns=None, selector: str = "gold") -> BonCurve:
   """Unbiased best-of-n gold over pools of ``N`` samples per prompt, for every ``n``.
 
@@ -117,19 +140,9 @@ def best_of_n(select_PxN, gold_PxN=None, ns=None, selector: str = "gold") -> Bon
   References:
     Gao, Schulman, Hilton 2023 (arXiv 2210.10760), appendix on the unbiased estimator.
   """
-  s = np.atleast_2d(np.asarray(select_PxN, dtype=np.float64))
-  g = s if gold_PxN is None else np.atleast_2d(np.asarray(gold_PxN, dtype=np.float64))
-  if s.ndim != 2 or s.shape != g.shape:
-    raise ValueError(f"select and gold must both be [P, N]; got {s.shape} and {g.shape}")
-  if not (np.all(np.isfinite(s)) and np.all(np.isfinite(g))):
-    raise ValueError("best_of_n got non-finite scores; drop those samples first")
-  P, N = s.shape
-  order = np.argsort(s, axis=1, kind="stable")
-  s_sorted = np.take_along_axis(s, order, axis=1)
-  g_sorted = _tie_averaged(s_sorted, np.take_along_axis(g, order, axis=1))
+  est_Pxn = per_prompt(select_PxN, gold_PxN, ns)
+  P, N = np.atleast_2d(np.asarray(select_PxN)).shape
   ns_arr = np.arange(1, N + 1) if ns is None else np.asarray(ns, dtype=np.int64).reshape(-1)
-  w_nxN = bon_weights(N, ns_arr)
-  est_Pxn = g_sorted @ w_nxN.T
   mean = est_Pxn.mean(axis=0)
   se = est_Pxn.std(axis=0, ddof=1) / np.sqrt(P) if P > 1 else np.full_like(mean, np.nan)
   return BonCurve(n=ns_arr, kl=kl_bon(ns_arr), gold=mean, gold_se=se, N=N,

@@ -59,6 +59,7 @@ from gpo_jax.core import sampling
 from gpo_jax.core import sequences
 from gpo_jax.evaluation import bon as bon_lib
 from gpo_jax.objectives import diagnostics
+from gpo_jax.proxies import selectors as selectors_lib
 from gpo_jax.runtime import distributed
 
 Array = jax.Array
@@ -67,6 +68,8 @@ Array = jax.Array
 _EVAL_STREAM = 0xE7A1
 _REF_STREAM = 0x7EF
 BON_FILE = "bon.json"
+#: the π_ref pool scored by gold and by every proxy (runs against a proxy only)
+POOL_FILE = "bon_pool.npz"
 #: prefix of the ``[M, E]`` per-prompt arrays in the evaluator's result (saved by the loop
 #: to ``per_prompt/<step>.npz``, the input of every paired comparison in the analysis)
 PER_PROMPT = "prompt/"
@@ -101,6 +104,24 @@ class EvalConfig:
   seed: int = 0
 
 
+@dataclasses.dataclass(frozen=True)
+class ProxyEval:
+  """Proxies to measure members against (RL against a proxy; SPEC §6).
+
+  Attributes:
+    score_fn: ``(params, ctx, resp, mask) -> [P, B]`` normalised scores of every proxy
+      (:meth:`gpo_jax.proxies.bank.ProxyBank.score_fn`).
+    params: its parameters (a pytree).
+    proxy_names: the ``P`` proxies' names.
+    selectors: a :class:`gpo_jax.proxies.selectors.Selectors` over them; each member's
+      ``hp["selector_idx"]`` picks the one it optimises, reported as ``proxy/reward``.
+  """
+  score_fn: Any
+  params: Any
+  proxy_names: tuple[str, ...]
+  selectors: Any
+
+
 def _mean_se(x_MxE: Array) -> tuple[Array, Array]:
   """Mean over prompts and its prompt-clustered standard error.
 
@@ -130,7 +151,8 @@ class Evaluator:
                eval_prompts: np.ndarray,
                test_pairs: Mapping[str, np.ndarray],
                ecfg: EvalConfig, length_normalize: bool = False,
-               sharding: jax.sharding.Sharding | None = None):
+               sharding: jax.sharding.Sharding | None = None,
+               proxy: "ProxyEval | None" = None):
     if ecfg.n_prompts > len(eval_prompts) or ecfg.n_prompts < 0:
       raise ValueError(f"eval.n_prompts={ecfg.n_prompts} must be in [0, "
                        f"{len(eval_prompts)}] (the lab's eval prompts; 0 = all).")
@@ -155,6 +177,14 @@ class Evaluator:
     self.ref_gold_ExN = None
     self.ref_gold_E = None
     self.ref_gold_mean = None
+    # Against a proxy: the proxies' parameters and the selector table, and (after
+    # reference()) each selector's π_ref pool mean per prompt, [S, E].
+    self.proxy = proxy
+    self.proxy_params = None if proxy is None else self._place(proxy.params)
+    self.proxy_table = None if proxy is None else self._place(
+        {k: jnp.asarray(v) for k, v in proxy.selectors.table().items()})
+    self.ref_proxy_SxE = None
+    self.pool_arrays: dict[str, np.ndarray] = {}
     self._eval = jax.jit(self._eval_all)
     self._pool = jax.jit(self._pool_fn)
 
@@ -165,14 +195,15 @@ class Evaluator:
   @classmethod
   def from_lab(cls, lab, graphdef, rest, ecfg: EvalConfig,
                length_normalize: bool = False,
-               sharding: jax.sharding.Sharding | None = None) -> "Evaluator":
+               sharding: jax.sharding.Sharding | None = None,
+               proxy: "ProxyEval | None" = None) -> "Evaluator":
     gold_fn, gold_params = lab.gold_fn()
     ref_params = nnx.state(lab.policy(), nnx.Param)
     return cls(graphdef=graphdef, rest=rest, ref_params=ref_params,
                gold_fn=gold_fn, gold_params=gold_params,
                eval_prompts=np.asarray(lab.eval_prompts), test_pairs=lab.pairs("test"),
                ecfg=ecfg, length_normalize=length_normalize,
-               sharding=sharding)
+               sharding=sharding, proxy=proxy)
 
   # ------------------------------------------------------------------ shared pieces
 
@@ -187,13 +218,15 @@ class Evaluator:
 
   # ------------------------------------------------------------------ reference pool
 
-  def _pool_fn(self, ref_params, gold_state, prompts_ExP, key):
+  def _pool_fn(self, ref_params, gold_state, prompts_ExP, key, proxy_params=None):
     n = self.ecfg.ref_samples_per_prompt
 
     def one_prompt(ctx_P, k):
       ctx = jnp.broadcast_to(ctx_P, (n,) + ctx_P.shape)
       resp, mask = self._sample(ref_params, ctx, k)
       gold, parts = self._gold(gold_state, ctx, resp, mask)
+      if proxy_params is not None:    # every proxy's normalised score of the pool, [P, n]
+        parts = dict(parts, proxies=self.proxy.score_fn(proxy_params, ctx, resp, mask))
       return (gold, jnp.sum(mask, axis=-1).astype(jnp.float32),
               sequences.ends_with_eos(resp, mask, sampling.EOS), parts)
 
@@ -213,7 +246,9 @@ class Evaluator:
     e, n = self.prompts_ExP.shape[0], self.ecfg.ref_samples_per_prompt
     key = jax.random.fold_in(jax.random.key(self.ecfg.seed), _REF_STREAM)
     gold, length, eos, parts = self._pool(self.ref_params, self.gold_state, self.prompts_ExP,
-                                          key)
+                                          key, self.proxy_params)
+    parts = dict(parts)
+    proxies = parts.pop("proxies", None)
     gold_ExN = distributed.to_host(gold).astype(np.float64)
     length_ExN = distributed.to_host(length).astype(np.float64)
     eos_ExN = distributed.to_host(eos).astype(np.float64)
@@ -229,15 +264,41 @@ class Evaluator:
     out["ref_eos_frac"] = float(eos_ExN.mean())
     for name, v in parts.items():   # π_ref's value of each gold part (e.g. ref_loglik)
       out["ref_" + name.replace("/", "_")] = float(np.mean(distributed.to_host(v)))
+    if proxies is not None:
+      self._proxy_reference(gold_ExN, distributed.to_host(proxies), length_ExN)
+      out["proxy_selectors"] = list(self.proxy.selectors.names)
     out["ref_per_prompt"] = {"gold": gold_ExN.mean(axis=1).tolist(),
                              "gold_sd": gold_ExN.std(axis=1, ddof=1).tolist(),
                              "response_len": length_ExN.mean(axis=1).tolist(),
                              "eos_frac": eos_ExN.mean(axis=1).tolist()}
     return out
 
+  def _proxy_reference(self, gold_ExN, proxies_ExPxN, length_ExN) -> None:
+    """π_ref's per-prompt mean of every selector (the R(0) of ``proxy/reward``) and the pool."""
+    sel = self.proxy.selectors
+    proxies_PxExN = np.transpose(np.asarray(proxies_ExPxN, np.float64), (1, 0, 2))
+    ref_SxE = np.stack([sel.apply_np(proxies_PxExN, s).mean(axis=-1) for s in range(sel.size)])
+    self.ref_proxy_SxE = self._place(jnp.asarray(ref_SxE, jnp.float32))
+    self.pool_arrays = {
+        "gold": gold_ExN.astype(np.float32),          # normalised gold, not ref-subtracted
+        "proxies": proxies_PxExN.astype(np.float32),  # normalised proxy scores [P, E, N]
+        "response_len": length_ExN.astype(np.float32),
+        "proxy_names": np.asarray(self.proxy.proxy_names),
+        "selector_names": np.asarray(sel.names),
+        **{"selector_" + k: v for k, v in sel.table().items()},
+    }
+
   def artifacts(self) -> dict[str, Any]:
-    """The engine's one-time hook: samples the π_ref pool and returns ``{"bon.json": ...}``."""
-    return {BON_FILE: self.reference()}
+    """The engine's one-time hook: samples the π_ref pool and returns ``{"bon.json": ...}``.
+
+    Against a proxy also ``bon_pool.npz``: the pool's gold and every proxy's score
+    (``[E, N]``, ``[P, E, N]``), from which the analysis draws best-of-n under any
+    selector, single proxy or ensemble.
+    """
+    out: dict[str, Any] = {BON_FILE: self.reference()}
+    if self.pool_arrays:
+      out[POOL_FILE] = self.pool_arrays
+    return out
 
   # ------------------------------------------------------------------ members
 
@@ -280,6 +341,13 @@ class Evaluator:
                   "response_len": jnp.sum(m, axis=-1),
                   "eos_frac": sequences.ends_with_eos(resp, mask, sampling.EOS),
                   **parts}
+    if self.proxy is not None:
+      # The member's own selector (a single proxy or an ensemble objective), paired per
+      # prompt with π_ref's pool mean under that selector, like gold.
+      scores_PxB = self.proxy.score_fn(aux["proxy_params"], ctx, resp, mask)
+      idx = hp["selector_idx"]
+      per_sample["proxy/reward"] = (selectors_lib.apply(aux["proxy_table"], scores_PxB, idx)
+                                    - jnp.repeat(aux["ref_proxy"][idx], n))
     k = min(N_SHOWN, e)
     return {
         "per_prompt": {name: _per_prompt(v, e) for name, v in per_sample.items()},
@@ -363,6 +431,9 @@ class Evaluator:
     aux = {"ref_params": self.ref_params, "gold_state": self.gold_state,
            "ref_gold": self.ref_gold_ExN, "ref_gold_E": self.ref_gold_E,
            "prompts": self.prompts_ExP, "test": self.test}
+    if self.proxy is not None:
+      aux.update(proxy_params=self.proxy_params, proxy_table=self.proxy_table,
+                 ref_proxy=self.ref_proxy_SxE)
     # A NumPy scalar, not a device-0 array: jit accepts it alongside multi-process arrays.
     res = self._eval(params_M, hparams, np.int32(step), aux)
     out = {k: distributed.to_host(v) for k, v in res.items()}

@@ -69,7 +69,7 @@ def setup(config, lab, *, log: Callable[[str], None] = logging.info,
   """
   algo = config_lib.algorithm(config)
   data_np = algo.train_data(lab, config)
-  n_train = int(next(iter(data_np.values())).shape[0])
+  n_train = int(next(v for k, v in data_np.items() if k != program.SHARED).shape[0])
   tcfg = config_lib.train_config(config)
   members = algo.members(config, n_train)
   mesh = sharding.make_mesh(config_lib.mesh_dict(config), num_members=members.size,
@@ -192,8 +192,7 @@ def _run_locked(config, workdir, primary, t_start, *, stop_at, log, progress) ->
   evaluator = algo.evaluator(lab, s.graphdef, s.rest, members, config, replicated)
   if primary:
     for name, payload in evaluator.artifacts().items():
-      with open(os.path.join(workdir, name), "w") as f:
-        json.dump(payload, f, indent=1)
+      write_artifact(os.path.join(workdir, name), payload)
   else:
     evaluator.artifacts()
 
@@ -296,6 +295,7 @@ def _run_locked(config, workdir, primary, t_start, *, stop_at, log, progress) ->
                                   "free space and rerun the same command (resume is exact "
                                   "from the newest complete checkpoint).") from None
 
+  algo.export(workdir, lab, config, s.graphdef, state["params"], members)
   wall = time.time() - t_start
   if primary:
     write_manifest(workdir, lab, s.mesh, members, start, steps, wall, best, algo.name,
@@ -305,6 +305,18 @@ def _run_locked(config, workdir, primary, t_start, *, stop_at, log, progress) ->
     if config.analyze:
       algo.report(workdir, log)
   return workdir
+
+
+def write_artifact(path: str, payload) -> None:
+  """An evaluator's one-time artifact: ``.npz`` (a dict of arrays) or JSON, written aside then renamed."""
+  tmp = f"{path}.tmp-{os.getpid()}"
+  if path.endswith(".npz"):
+    with open(tmp, "wb") as f:
+      np.savez_compressed(f, **payload)
+  else:
+    with open(tmp, "w") as f:
+      json.dump(payload, f, indent=1)
+  os.replace(tmp, path)
 
 
 #: evaluator results under these prefixes are per-prompt or per-sample arrays ([M, ...]),

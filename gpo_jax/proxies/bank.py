@@ -1,0 +1,62 @@
+"""Several proxy sets (e.g. two proxy sizes) loaded together and scored as one ``[P, B]`` array of normalised rewards."""
+
+from collections.abc import Sequence
+import dataclasses
+from typing import Any
+
+
+import jax.numpy as jnp
+import numpy as np
+
+from gpo_jax.proxies import store
+
+
+@dataclasses.dataclass(frozen=True)
+class ProxyBank:
+  """The loaded proxy sets, in order; proxies are numbered across sets."""
+  sets: tuple[store.ProxySet, ...]
+
+  @property
+  def names(self) -> tuple[str, ...]:
+    return tuple(n for s in self.sets for n in s.names)
+
+  @property
+  def rows(self) -> tuple[dict, ...]:
+    return tuple(r for s in self.sets for r in s.rows)
+
+  @property
+  def size(self) -> int:
+    return len(self.names)
+
+  def params(self) -> tuple[Any, ...]:
+    """The jit-able part: per set ``(params [P_s, ...], mean [P_s], std [P_s])``."""
+    return tuple((s.params, jnp.asarray(s.mean, jnp.float32),
+                  jnp.asarray(np.maximum(s.std, 1e-6), jnp.float32)) for s in self.sets)
+
+  def score_fn(self):
+    """``fn(params, ctx, resp, mask) -> [P, B]`` normalised scores of every proxy."""
+    defs = [(s.graphdef, s.rest) for s in self.sets]
+
+    def fn(params, ctx_BxC, resp_BxT, mask_BxT):
+      out = []
+      for (graphdef, rest), (p, mean, std) in zip(defs, params):
+        raw = store.score_stack(graphdef, rest, p, ctx_BxC, resp_BxT, mask_BxT)
+        out.append((raw - mean[:, None]) / std[:, None])
+      return jnp.concatenate(out, axis=0)
+
+    return fn
+
+
+def load(paths: Sequence[str], lab=None) -> ProxyBank:
+  """Loads every proxy set in ``paths``; proxy names must be unique across them."""
+  if not paths:
+    raise ValueError("proxies.paths is empty: name at least one reward-model run whose "
+                     "proxy set to load.")
+  sets = tuple(store.load(p, lab) for p in paths)
+  bank = ProxyBank(sets)
+  if len(set(bank.names)) != bank.size:
+    raise ValueError(f"proxy names repeat across proxy sets {list(paths)}: {bank.names}; "
+                     "give sets of different sizes or seeds.")
+  return bank
+
+
