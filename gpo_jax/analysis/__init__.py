@@ -1,5 +1,8 @@
 """Analysis of a finished sweep: run dir → table, frontiers, Gao fits, statistics, plots and ``report.md``.
 
+A run against proxy reward models (``bon_pool.npz`` in its directory) also gets
+``proxy.md`` (:func:`analyze_proxy`, :mod:`gpo_jax.analysis.proxy`).
+
 Importing this package never imports JAX or the trainer; it needs numpy, pandas,
 scipy and matplotlib (Agg backend) only.
 """
@@ -12,11 +15,12 @@ from gpo_jax.analysis.evidence import member_peak_tests, overlap_against_seeds, 
 from gpo_jax.analysis.findings import Finding, Thresholds
 from gpo_jax.analysis.report import Report, analyze
 from gpo_jax.analysis.comparison import Comparison, compare
+from gpo_jax.analysis.proxy import ProxyReport, analyze_proxy
 
 __all__ = [
     "METRIC_FIELDS", "Run", "load_run", "Frontier", "family_frontiers", "frontier_gap",
     "pareto_mask", "running_max", "GaoFit", "fit_gao", "gao_curve", "best_beta",
     "family_overoptimization", "member_peak_tests", "overlap_against_seeds", "best_beta_shifts",
     "Finding", "Thresholds", "Report", "analyze",
-    "Comparison", "compare",
+    "Comparison", "compare", "ProxyReport", "analyze_proxy",
 ]

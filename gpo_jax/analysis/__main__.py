@@ -1,12 +1,19 @@
-"""CLI: ``python -m gpo_jax.analysis RUN_DIR [RUN_DIR ...] [--out DIR]`` (report or comparison)."""
+"""CLI: ``python -m gpo_jax.analysis RUN_DIR [RUN_DIR ...] [--out DIR]`` (report or comparison).
+
+A single RUN_DIR that holds ``bon_pool.npz`` (a run against proxy reward models) also gets
+the proxy report, ``proxy.md``, next to ``report.md``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import pathlib
 import sys
 
 from gpo_jax.analysis.comparison import compare
 from gpo_jax.analysis.findings import Thresholds
+from gpo_jax.analysis.proxy import analyze_proxy
+from gpo_jax.analysis.proxy_evidence import POOL_FILE
 from gpo_jax.analysis.report import analyze
 
 
@@ -30,6 +37,11 @@ def main(argv=None) -> int:
     print(rep.path)
     for f in rep.findings:
       print(f"- {f.question} {f.verdict}")
+    if (pathlib.Path(a.run_dirs[0]) / POOL_FILE).exists():
+      prep = analyze_proxy(a.run_dirs[0], a.out, thresholds=th, figures=not a.no_figures)
+      print(prep.path)
+      for f in prep.findings:
+        print(f"- {f.question} {f.verdict}")
   else:
     if a.step is not None:
       p.error("--step applies to a single run")

@@ -65,7 +65,8 @@ def save(fig, out_dir: pathlib.Path, name: str) -> list[pathlib.Path]:
   for ext in FORMATS:
     p = out_dir / f"{name}.{ext}"
     with plt.rc_context(RC):
-      fig.savefig(p)
+      # No creation date in the file: a rerun writes identical bytes.
+      fig.savefig(p, metadata={"Date": None} if ext == "svg" else None)
     paths.append(p)
   plt.close(fig)
   return paths

@@ -22,6 +22,8 @@ METRIC_FIELDS = (
 OPTIONAL_FIELDS = ("gold/network", "gold/network_se", "loglik", "loglik_se", "proxy/reward")
 # The analysis cannot run without these; the rest are used when present.
 REQUIRED_FIELDS = ("step", "member", "family", "beta", "beta_eff", "kl", "gold/reward")
+# Member labels that are text, not numbers (``kind``: RL against a single proxy or an ensemble).
+TEXT_FIELDS = ("family", "kind", "labels")
 BON_KEYS = ("selector", "N", "n", "kl", "gold", "gold_se")
 
 METRICS_FILE, CONFIG_FILE, MANIFEST_FILE, BON_FILE = (
@@ -142,9 +144,11 @@ def table_from_rows(rows: list[dict], source: str = "metrics") -> pd.DataFrame:
   if missing:
     raise ValueError(f"{source}: missing required columns {missing}; the metric fields are {list(METRIC_FIELDS)}")
   for c in t.columns:
-    if c not in ("family", "diverged"):
+    if c not in TEXT_FIELDS + ("diverged",):
       t[c] = pd.to_numeric(t[c], errors="coerce")
-  t["family"] = t["family"].astype(str)
+  for c in TEXT_FIELDS:
+    if c in t:
+      t[c] = t[c].astype(str)
   t["diverged"] = t["diverged"].fillna(False).astype(bool) if "diverged" in t else False
   if "sqrt_kl" not in t:
     t["sqrt_kl"] = np.sqrt(t["kl"].clip(lower=0))
