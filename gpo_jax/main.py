@@ -1,4 +1,4 @@
-"""Entry point: ``python -m gpo_jax.main --config configs/x.py --workdir runs/x`` runs the config's algorithm sweep.
+"""Entry point: ``python -m gpo_jax.main --config configs/x.py --workdir runs/x`` runs the config's algorithm sweep (or, for a pipeline config, its stages).
 
 Rerunning the same command on an existing workdir resumes from the newest valid
 checkpoint (see ``gpo_jax.run.loop``). Expected failures (a bad config value, a workdir in
@@ -45,7 +45,12 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   try:
-    loop.run(flags.FLAGS.config, flags.FLAGS.workdir, log=print)
+    config = flags.FLAGS.config
+    if "pipeline" in config:      # multi-stage (configs/proxy_setting.py)
+      from gpo_jax import pipeline
+      pipeline.run(config, flags.FLAGS.workdir, log=print)
+    else:
+      loop.run(config, flags.FLAGS.workdir, log=print)
   except loop.EXPECTED_ERRORS as e:
     if flags.FLAGS.traceback:
       raise

@@ -1,0 +1,77 @@
+"""Multi-stage runs: Gao's proxy setting as one command (proxy reward models → RL and best-of-n against them → reports).
+
+A pipeline config (``configs/proxy_setting.py``) has ``pipeline = "proxy_setting"``, one
+``lab`` section shared by every stage, ``proxy_runs`` (named reward-model run configs,
+e.g. one per proxy size) and ``rl`` (an ``rloo`` run config). The stages are ordinary runs
+in ``<workdir>/<name>``, each with its own config.json, checkpoints and exact resume, so
+rerunning the command after an interruption continues where it stopped and skips what is
+done. The RL stage loads the proxy sets the reward-model stages exported
+(``proxies.paths`` is filled in here) and samples the π_ref best-of-n pool, scored by every
+proxy, on its eval prompts. Finally the RL run's standard report and the proxy-setting
+report (:mod:`gpo_jax.analysis.proxy`) are written under ``<workdir>/rl/report``.
+"""
+
+import os
+
+import ml_collections
+
+from gpo_jax.run import loop
+
+STAGE_PREFIX_RL = "rl"
+
+
+def _stage(config: ml_collections.ConfigDict, lab, lab_root: str, **extra):
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.lab = ml_collections.ConfigDict(lab.to_dict())
+  c.lab_root = lab_root
+  c.analyze = False
+  for k, v in extra.items():
+    keys = k.split(".")
+    node = c
+    for key in keys[:-1]:
+      node = node[key]
+    node[keys[-1]] = v
+  c.lock()
+  return c
+
+
+def stage_configs(config, workdir: str) -> dict[str, ml_collections.ConfigDict]:
+  """``{stage dir name: run config}`` in run order (reward models first, then RL)."""
+  if config.get("pipeline") != "proxy_setting":
+    raise ValueError(f"unknown pipeline {config.get('pipeline')!r}; valid choices: "
+                     "['proxy_setting'].")
+  workdir = os.path.abspath(workdir)
+  lab_root = config.lab_root or os.path.join(os.path.dirname(workdir), "labs")
+  names = list(config.proxy_runs.keys())
+  if not names:
+    raise ValueError("proxy_runs is empty: name at least one reward-model run.")
+  if STAGE_PREFIX_RL in names:
+    raise ValueError(f"proxy_runs may not be named {STAGE_PREFIX_RL!r} (the RL stage's dir).")
+  out = {}
+  for name in names:
+    rm = config.proxy_runs[name]
+    if rm.get("algorithm") != "reward_model":
+      raise ValueError(f"proxy_runs.{name} has algorithm {rm.get('algorithm')!r}; proxy runs "
+                       "are reward_model runs.")
+    out[name] = _stage(rm, config.lab, lab_root)
+  paths = tuple(os.path.join(workdir, n) for n in names)
+  out[STAGE_PREFIX_RL] = _stage(config.rl, config.lab, lab_root, **{"proxies.paths": paths})
+  return out
+
+
+def run(config, workdir: str, *, log=print, progress: bool = True) -> str:
+  """Runs (or resumes) every stage, then writes the reports; returns the RL run dir."""
+  stages = stage_configs(config, workdir)
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  for name, cfg in stages.items():
+    log(f"== stage {name} ({cfg.algorithm})")
+    loop.run(cfg, os.path.join(workdir, name), log=log, progress=progress)
+  rl_dir = os.path.join(workdir, STAGE_PREFIX_RL)
+  if config.get("analyze", True):
+    from gpo_jax import analysis
+    from gpo_jax.analysis import proxy as proxy_report
+    analysis.analyze(rl_dir)
+    proxy_report.analyze_proxy(rl_dir)
+    log(f"reports: {os.path.join(rl_dir, 'report')}")
+  return rl_dir
