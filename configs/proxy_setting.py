@@ -9,6 +9,9 @@ Stages (``gpo_jax/pipeline.py``), each an ordinary resumable run in ``<workdir>/
 * ``proxies_L1``, ``proxies_full``: Bradley–Terry proxies with π_ref's first block / all three
   blocks as trunk (two proxy sizes), hard labels, on 256 / 1024 / 4096 of the lab's pairs,
   seeds 0–3 (the four seeds of one data size form an ensemble);
+* ``policies_dpo``: offline DPO (logistic, β_eff 0.1, 1024 pairs, 2 seeds); the final
+  policies' implicit rewards ``log π − log π_ref`` join the proxies as best-of-n selectors
+  (SPEC §5's like-for-like baseline);
 * ``rl``: RLOO against a proxy (``rl.sweep.selectors``), KL coefficients
   ``rl.sweep.kl_coefs``; its π_ref pool (``eval.ref_samples_per_prompt`` per eval prompt,
   enough for best-of-n to reach ~6 nats) is scored by every proxy, so best-of-n against
@@ -62,9 +65,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "proxies_L1": _proxies(lab, 1, sizes, seeds, steps, steps // 2),
       "proxies_full": _proxies(lab, 0, sizes, seeds, steps, steps // 2),
   })
+  # An offline DPO policy on the proxies' middle data size: its implicit reward is the
+  # like-for-like best-of-n selector of SPEC §5 (and a proxy RL could optimise).
+  dpo = presets.base("gpo", lab, presets.gpo_eval(
+      every=steps // 4 if tiny else 75, n_prompts=16 if tiny else 64, samples_per_prompt=1,
+      ref_samples_per_prompt=16, member_chunk=2, bon_n=(1, 4, 16)))
+  dpo.sweep = ml_collections.ConfigDict(dict(
+      families=("logistic",), beta_effs=(0.1,), betas=(), seeds=(0, 1), lrs=(3e-4,),
+      gammas=(0.0,), data_sizes=(sizes[0] if tiny else 1024,)))
+  dpo.train.steps = 30 if tiny else 150
+  dpo.checkpoint.every = dpo.train.steps
+  c.policy_runs = ml_collections.ConfigDict({"policies_dpo": dpo})
   rl = presets.base("rloo", lab, presets.gpo_eval(
-      every=10 if tiny else 20, n_prompts=16 if tiny else 64,
-      samples_per_prompt=4 if tiny else 16,
+      every=10 if tiny else 20, n_prompts=16 if tiny else 128,
+      samples_per_prompt=4 if tiny else 8,
       ref_samples_per_prompt=64 if tiny else 1024, member_chunk=4,
       bon_n=(1, 2, 4, 8, 16, 32, 64) if tiny else (1, 4, 16, 64, 256, 1024)))
   n_small = sizes[0]
@@ -90,7 +104,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   rl.checkpoint.every = 10 if tiny else 40
   c.rl = rl
   if tiny:
-    for stage in (*c.proxy_runs.values(), c.rl):
+    for stage in (*c.proxy_runs.values(), *c.policy_runs.values(), c.rl):
       stage.mesh.cpu_devices = 0      # tests run where the JAX backend is already up
   c.lock()
   return c

@@ -2,7 +2,9 @@
 
 A pipeline config (``configs/proxy_setting.py``) has ``pipeline = "proxy_setting"``, one
 ``lab`` section shared by every stage, ``proxy_runs`` (named reward-model run configs,
-e.g. one per proxy size) and ``rl`` (an ``rloo`` run config). The stages are ordinary runs
+e.g. one per proxy size), optionally ``policy_runs`` (offline GPO runs whose final
+policies' implicit rewards ``log π − log π_ref`` become selectors too, SPEC §5) and ``rl``
+(an ``rloo`` run config). The stages are ordinary runs
 in ``<workdir>/<name>``, each with its own config.json, checkpoints and exact resume, so
 rerunning the command after an interruption continues where it stopped and skips what is
 done. The RL stage loads the proxy sets the reward-model stages exported
@@ -54,6 +56,19 @@ def stage_configs(config, workdir: str) -> dict[str, ml_collections.ConfigDict]:
       raise ValueError(f"proxy_runs.{name} has algorithm {rm.get('algorithm')!r}; proxy runs "
                        "are reward_model runs.")
     out[name] = _stage(rm, config.lab, lab_root)
+  # Offline GPO runs whose final policies' implicit rewards become selectors too.
+  policy_runs = config.get("policy_runs") or {}
+  for name in policy_runs.keys():
+    if name in out or name == STAGE_PREFIX_RL:
+      raise ValueError(f"policy_runs.{name} repeats a stage name; stage names must be unique.")
+    g = policy_runs[name]
+    if g.get("algorithm") != "gpo":
+      raise ValueError(f"policy_runs.{name} has algorithm {g.get('algorithm')!r}; policy runs "
+                       "are offline gpo runs.")
+    g = ml_collections.ConfigDict(g.to_dict())
+    g.export_implicit = True
+    out[name] = _stage(g, config.lab, lab_root)
+    names.append(name)
   paths = tuple(os.path.join(workdir, n) for n in names)
   out[STAGE_PREFIX_RL] = _stage(config.rl, config.lab, lab_root, **{"proxies.paths": paths})
   return out

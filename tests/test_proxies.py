@@ -19,7 +19,7 @@ from gpo_jax.proxies import bank as bank_lib
 from gpo_jax.proxies import selectors as selectors_lib
 from gpo_jax.proxies import store
 from gpo_jax.run import loop
-from tests import lab_fixture
+import lab_fixture
 
 
 @pytest.fixture(scope="module")
@@ -237,3 +237,77 @@ def test_rl_member_zero_kl_coef_validation():
   with pytest.raises(ValueError, match="kl_coefs"):
     sel = selectors_lib.build(("a", "b"))
     rloo.make_members(sel, ("*",), kl_coefs=(-0.1,), n_train=64, batch_size=8)
+
+
+def test_offline_policies_export_their_implicit_reward(pipe, pipe_lab):
+  """The DPO stage's proxy set scores log π − log π_ref, normalised on held-out responses."""
+  config, workdir, _ = pipe
+  d = os.path.join(workdir, "policies_dpo")
+  ps = store.load(d, pipe_lab)
+  assert ps.kind == "implicit" and ps.names[0].startswith("implicit_logistic_be0.1_")
+  with pytest.raises(store.ProxyError, match="needs the lab"):
+    store.load(d)
+  test = pipe_lab.pairs("test")
+  ctx, resp, mask = test["prompt"][:32], test["chosen"][:32], test["chosen_mask"][:32]
+  graphdef, _, rest = nnx.split(pipe_lab.policy(), nnx.Param, ...)
+  ref = nnx.state(pipe_lab.policy(), nnx.Param)
+  for m in range(ps.size):
+    pol = jax.tree.map(lambda x: x[m], ps.params)
+    want = (np.asarray(sequences.pair_logps(nnx.merge(graphdef, pol, rest), ctx, resp, mask, False))
+            - np.asarray(sequences.pair_logps(nnx.merge(graphdef, ref, rest), ctx, resp, mask,
+                                              False)))
+    bank = bank_lib.ProxyBank((ps,))
+    got = np.asarray(bank.score_fn()(bank.params(), ctx, resp, mask))[m]
+    np.testing.assert_allclose(got * ps.std[m] + ps.mean[m], want, rtol=1e-4, atol=1e-4)
+    assert np.std(want) > 1e-3, "the trained policy must differ from π_ref"
+
+
+@pytest.mark.parametrize("field, value, error, pattern", [
+    ("sweep.selectors", ("L9_*",), ValueError, "match no selector; valid choices"),
+    ("rl.samples_per_prompt", 1, ValueError, "samples_per_prompt=1"),
+    ("sweep.kl_coefs", (-1.0,), ValueError, "kl_coefs"),
+    ("proxies.ensembles", {"e": ("nothing_*",)}, ValueError, "matches no proxy"),
+    ("proxies.objectives", ("median",), ValueError, "unknown ensemble objective 'median'"),
+])
+def test_bad_rl_configs_fail_naming_the_value(pipe, tmp_path, field, value, error, pattern):
+  from gpo_jax.run import config as config_lib
+  config, workdir, _ = pipe
+  rl = pipeline.stage_configs(config, workdir)["rl"]
+  rl.unlock()
+  *parents, key = field.split(".")
+  node = rl
+  for name in parents:
+    node = node[name]
+  node[key] = value
+  with pytest.raises(error, match=pattern):
+    config_lib.validate(rl, num_devices=1)
+
+
+def test_rl_refuses_a_missing_proxy_set_and_only_flagged_gpo_runs_export(pipe, tmp_path):
+  from gpo_jax.run import config as config_lib
+  config, workdir, _ = pipe
+  stages = pipeline.stage_configs(config, workdir)
+  rl = stages["rl"]
+  rl.unlock()
+  rl.proxies.paths = (str(tmp_path / "nowhere"),)
+  with pytest.raises(store.ProxyError, match="no proxy set"):
+    config_lib.validate(rl, num_devices=1)
+  assert stages["policies_dpo"].export_implicit is True
+  assert not lab_fixture.load_config("cpu_sweep.py").get("export_implicit", False)
+  with pytest.raises(ValueError, match="unknown pipeline"):
+    bad = lab_fixture.load_config("proxy_setting.py", "tiny")
+    bad.unlock()
+    bad.pipeline = "other"
+    pipeline.stage_configs(bad, str(tmp_path))
+
+
+def test_the_proxy_pool_split_over_devices_equals_one_device(tmp_path_factory):
+  import multidevice
+  root = lab_fixture.shared_root(tmp_path_factory)
+  lab_fixture.get_tiny_lab(root)
+  r = multidevice.run_json("proxy_pool_subprocess.py", root, devices=2)
+  assert r["devices"] == 2 and r["one_groups"] == 1 and r["split_groups"] == 2
+  np.testing.assert_array_equal(r["one"]["response_len"], r["split"]["response_len"])
+  for k in ("gold", "proxies"):
+    np.testing.assert_allclose(r["one"][k], r["split"][k], rtol=1e-5, atol=1e-5, err_msg=k)
+  assert np.std(r["one"]["proxies"]) > 0

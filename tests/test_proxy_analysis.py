@@ -172,8 +172,11 @@ def _write_rl_run(path, pool, members, steps, gold_SxMxE, proxy_SxMxE, kl_SxM, r
   return path
 
 
-def _write_rm_run(path, n_layers, members):
-  """A reward-model run with an exported proxy set: metrics.jsonl and proxies/proxies.json."""
+LAB_HASH, RM_N_PAIRS = "lab0", 250   # the fixtures' lab; untied pairs among its 256 test pairs
+
+
+def _write_rm_run(path, n_layers, members, kind=None):
+  """A reward-model run with an exported proxy set: metrics.jsonl, config.json and proxies/proxies.json."""
   path = pathlib.Path(path)
   (path / "proxies").mkdir(parents=True, exist_ok=True)
   rows, meta = [], []
@@ -182,13 +185,48 @@ def _write_rm_run(path, n_layers, members):
               "label_noise": 0.0, "data_size": data_size}
     for step, a in ((0, 0.5), (50, acc)):
       rows.append({"step": step, **fields, "rm/gold_accuracy": a, "rm/gold_accuracy_se": 0.03,
-                   "rm/ece": 0.1, "rm/gold_corr": 2 * (a - 0.5), "diverged": False})
+                   "rm/ece": 0.1, "rm/gold_corr": 2 * (a - 0.5), "rm/n_pairs": RM_N_PAIRS,
+                   "diverged": False})
     meta.append({**fields, "name": f"L{n_layers}_n{data_size}_hard_s{seed}"})
   with open(path / "metrics.jsonl", "w") as fh:
     for r in rows:
       fh.write(json.dumps(r) + "\n")
+  (path / "config.json").write_text(json.dumps(   # the RM evaluator uses all 256 test pairs
+      {"algorithm": "reward_model", "eval": {"n_test_pairs": 0}, "lab": {"n_test_pairs": 256}}))
   (path / "proxies" / "proxies.json").write_text(json.dumps(
-      {"schema": 1, "model": {"n_layers": n_layers}, "members": meta}))
+      {"schema": 1, **({"kind": kind} if kind else {}), "lab_hash": LAB_HASH,
+       "model": {"n_layers": n_layers}, "members": meta}))
+  return path
+
+
+IMPLICIT_SPEC = {  # name: (seed, final rewards/gold_accuracies, t-noise scale of its pool scores)
+    "implicit_logistic_be0.1_n1024_s0": (0, 0.62, 0.5),
+    "implicit_logistic_be0.1_n1024_s1": (1, 0.58, 0.5),
+}
+
+
+def _write_gpo_run(path, n_layers=2, lab_hash=LAB_HASH, n_pairs_key=None):
+  """An offline GPO run that exported its policies' implicit rewards (proxies.json kind "implicit")."""
+  path = pathlib.Path(path)
+  (path / "proxies").mkdir(parents=True, exist_ok=True)
+  rows, meta = [], []
+  for i, (name, (seed, acc, _)) in enumerate(IMPLICIT_SPEC.items()):
+    fields = {"member": i, "family": "logistic", "beta": 0.2, "lr": 3e-4, "seed": seed,
+              "gamma": 0.0, "data_size": 1024}
+    for step, a in ((0, 0.0), (20, 0.55), (30, acc)):
+      rows.append({"step": step, **fields, "beta_eff": 0.10000000149, "kl": step / 100,
+                   "gold/reward": 0.01 * step, "rewards/gold_accuracies": a,
+                   **({n_pairs_key: 200} if n_pairs_key else {}), "diverged": False})
+    meta.append({**fields, "beta_eff": 0.1, "name": name})
+  rows.append({**rows[-1], "step": 40, "rewards/gold_accuracies": 0.99, "diverged": True})
+  with open(path / "metrics.jsonl", "w") as fh:
+    for r in rows:
+      fh.write(json.dumps(r) + "\n")
+  (path / "config.json").write_text(json.dumps(   # 256 of the lab's 256 test pairs, as the RMs
+      {"algorithm": "gpo", "eval": {"n_test_pairs": 256}, "lab": {"n_test_pairs": 256}}))
+  (path / "proxies" / "proxies.json").write_text(json.dumps(
+      {"schema": 1, "kind": "implicit", "lab_hash": lab_hash, "model": {"n_layers": n_layers},
+       "trunk_layers": 0, "members": meta}))
   return path
 
 
@@ -309,12 +347,16 @@ def proxy_run(tmp_path_factory):
   rng = np.random.default_rng(5)
   e, n = 64, 256
   gold = rng.normal(size=(e, n))
-  names = list(PROXY_SPEC)
-  noise = np.stack([rng.standard_t(1.5, size=(e, n)) * PROXY_SPEC[k][3] for k in names])
+  names = list(PROXY_SPEC) + list(IMPLICIT_SPEC)
+  scale = {**{k: v[3] for k, v in PROXY_SPEC.items()}, **{k: v[2] for k, v in IMPLICIT_SPEC.items()}}
+  noise = np.stack([rng.standard_t(1.5, size=(e, n)) * scale[k] for k in names])
+  # The pool file does not say which proxies are implicit rewards: the report reads it from
+  # the proxy sets' proxies.json.
   pool = pev.make_pool(gold, gold[None] + noise, names,
                          {"ens": ["L1_n256_hard_s0", "L1_n256_hard_s1"]})
   rm1 = _write_rm_run(root / "rm_l1", 1, [(256, 0, 0.6), (256, 1, 0.61), (1024, 0, 0.7), (1024, 1, 0.71)])
-  rm2 = _write_rm_run(root / "rm_l2", 2, [(1024, 0, 0.75), (1024, 1, 0.74)])
+  rm2 = _write_rm_run(root / "rm_l2", 2, [(1024, 0, 0.75), (1024, 1, 0.74)], kind="reward_model")
+  gpo = _write_gpo_run(root / "gpo")
   members = [(f, b, 0) for f in ("L1_n256_hard_s0", "ens/wco") for b in (0.0, 0.1)]
   steps = np.arange(0, 60, 10)
   e_rl = 48   # RL evaluates fewer prompts than the pool holds: the common ones are the first 48
@@ -323,7 +365,7 @@ def proxy_run(tmp_path_factory):
   true = d * (0.3 - 0.5 * np.log(np.where(d > 0, d, 1.0)))   # Gao RL form, peak at d = exp(-0.4)
   g = true[:, :, None] + rng.normal(0, 0.15, (len(steps), len(members), e_rl))
   p = 0.8 * d[:, :, None] + rng.normal(0, 0.15, (len(steps), len(members), e_rl))
-  rl_dir = _write_rl_run(root / "rl", pool, members, steps, g, p, kl, rm_dirs=(rm1, rm2))
+  rl_dir = _write_rl_run(root / "rl", pool, members, steps, g, p, kl, rm_dirs=(rm1, rm2, gpo))
   return rl_dir
 
 
@@ -347,11 +389,42 @@ def test_analyze_proxy_writes_deterministic_report(proxy_run, tmp_path):
   assert files == sorted(p.name for p in outs[1].iterdir())
   for name in files:
     assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), f"{name} differs between reruns"
-  # The proxies come from both RM runs (config.json's proxies.paths), with the pool's correlations.
+  # The proxies come from both RM runs and the GPO run (config.json's proxies.paths), with
+  # the pool's correlations; "kind" from proxies.json (absent: reward model).
   pt = rep.proxies.set_index("name")
-  assert set(pt.index) == set(PROXY_SPEC) and (pt["source"] == "rm run").all()
+  assert set(pt.index) == set(PROXY_SPEC) | set(IMPLICIT_SPEC)
+  rm, imp = pt.loc[list(PROXY_SPEC)], pt.loc[list(IMPLICIT_SPEC)]
+  assert (rm["kind"] == "reward_model").all() and (rm["source"] == "rm run").all()
+  assert (imp["kind"] == "implicit").all() and (imp["source"] == "policy run").all()
   assert pt.loc["L2_n1024_hard_s0", "n_layers"] == 2 and pt.loc["L1_n256_hard_s0", "gold_accuracy"] == 0.6
   assert pt.loc["L2_n1024_hard_s0", "within_prompt_corr"] > pt.loc["L1_n256_hard_s0", "within_prompt_corr"]
+  # Implicit rewards: layers from proxies.json's model, the loss and β_eff as labels, gold
+  # accuracy = the GPO run's final (non-diverged) rewards/gold_accuracies, its binomial SE
+  # over the untied pairs of an RM set on the same lab and test pairs; no ECE.
+  for name, (seed, acc, _) in IMPLICIT_SPEC.items():
+    r = pt.loc[name]
+    assert r["n_layers"] == 2 and r["data_size"] == 1024 and r["seed"] == seed
+    assert r["labels"] == "logistic β_eff 0.1" and r["family"] == "logistic" and r["beta_eff"] == 0.1
+    assert r["gold_accuracy"] == acc and r["rm_step"] == 30 and r["gold_accuracy_n"] == RM_N_PAIRS
+    np.testing.assert_allclose(r["gold_accuracy_se"], math.sqrt(acc * (1 - acc) / RM_N_PAIRS))
+    assert np.isnan(r["ece"]) and np.isnan(r["label_noise"])
+  assert "| implicit_logistic_be0.1_n1024_s0 | implicit | 2 | 1024 | logistic β_eff 0.1 |" in text
+  assert "8 proxies from 2 reward-model runs and 1 offline-policy run (`rm_l1`, `rm_l2`, `gpo`)" in text
+  assert "(6 single proxy RMs, 3 ensemble objectives, 2 implicit rewards)" in text
+  # Best-of-n: the implicit rewards are their own selector kind, listed after the proxy RMs.
+  kinds = rep.bon_tests.set_index("selector")["kind"]
+  assert (kinds[list(IMPLICIT_SPEC)] == "implicit").all() and (kinds[list(PROXY_SPEC)] == "single").all()
+  assert kinds[pev.ORACLE] == "oracle" and list(rep.bon_tests["kind"])[-2:] == ["implicit", "implicit"]
+  assert set(rep.bon_table[rep.bon_table["selector"].isin(list(IMPLICIT_SPEC))]["kind"]) == {"implicit"}
+  # Peak against proxy size: RM selectors only (implicit rewards have no size/data grid).
+  pvp = rep.peak_vs_proxy
+  assert set(pvp.selectors["selector"]) == set(PROXY_SPEC) and len(pvp.groups) == 3
+  assert pvp.groups["label_noise"].notna().all() and (pvp.groups["seeds"] == 2).all()
+  # The BoN finding counts the proxy RMs and reports the implicit rewards as their own class.
+  f0 = rep.findings[0].text
+  assert "of 9 proxy-RM selectors fall" in f0, f0
+  assert "Implicit-reward selectors" in f0 and "of 2 implicit-reward selectors fall" in f0
+  assert "the gold-selected oracle ceiling" in f0 and "proxy RMs" in f0 and "implicit rewards implicit_" in f0
   # Both comparisons of proxy scale exist: data 256 → 1024 (1 layer), layers 1 → 2 (1024 pairs).
   t = rep.peak_vs_proxy.tests
   assert set(t["factor"]) == {"data_size", "n_layers"}
@@ -373,7 +446,7 @@ def test_analyze_proxy_writes_deterministic_report(proxy_run, tmp_path):
 
 def test_analyze_proxy_figures(proxy_run, tmp_path):
   rep = proxy.analyze_proxy(proxy_run, tmp_path / "fig", figures=True, bootstrap_reps=20)
-  for name in ("proxy_bon", "proxy_rl", "proxy_bon_vs_rl"):
+  for name in ("proxy_bon_kinds", "proxy_bon", "proxy_rl", "proxy_bon_vs_rl"):
     png = tmp_path / "fig" / "figures" / f"{name}.png"
     assert png.exists() and png.stat().st_size > 1000, name
     assert f"figures/{name}.png" in rep.path.read_text()
@@ -383,9 +456,59 @@ def test_proxy_name_parsing_and_missing_rm_runs(proxy_run):
   assert pev.parse_proxy_name("L2_n512_soft_q0.1_s3") == {
       "n_layers": 2, "data_size": 512, "labels": "soft", "label_noise": 0.1, "seed": 3}
   assert pev.parse_proxy_name("not a proxy") == {}
+  assert pev.parse_proxy_name("implicit_logistic_be0.1_n1024_s0") == {}
+  assert pev.parse_implicit_name("implicit_truncated_quadratic_be0.05_n512_s2") == {
+      "family": "truncated_quadratic", "beta_eff": 0.05, "data_size": 512, "seed": 2,
+      "labels": "truncated_quadratic β_eff 0.05"}
+  assert pev.parse_implicit_name("L1_n256_hard_s0") == {}
   pool = pev.load_pool(proxy_run)
-  t = pev.proxy_table(["/nonexistent/rm"], pool)
-  assert (t["source"] == "name").all() and set(t["name"]) == set(PROXY_SPEC)
+  t = pev.proxy_table(["/nonexistent/rm"], pool).set_index("name")
+  assert (t["source"] == "name").all() and set(t.index) == set(PROXY_SPEC) | set(IMPLICIT_SPEC)
+  # Implicit names are described as implicit rewards, never through the RM name parser.
+  assert (t.loc[list(IMPLICIT_SPEC), "kind"] == "implicit").all()
+  assert (t.loc[list(IMPLICIT_SPEC), "labels"] == "logistic β_eff 0.1").all()
+  assert t.loc[list(IMPLICIT_SPEC), "n_layers"].isna().all()
+  assert (t.loc[list(PROXY_SPEC), "kind"] == "reward_model").all()
+  # The pool's selector kinds follow the proxies' kinds; ensembles stay ensembles.
+  kp = pev.with_proxy_kinds(pool, t.reset_index())
+  kinds = {n: kp.kind(i) for i, n in enumerate(kp.selector_names)}
+  assert {kinds[n] for n in IMPLICIT_SPEC} == {"implicit"} and kinds["ens/wco"] == "ensemble"
+  assert {pool.kind(i) for i, n in enumerate(pool.selector_names) if n in IMPLICIT_SPEC} == {"single"}
+
+
+def test_implicit_gold_accuracy_se_needs_the_number_of_untied_pairs(tmp_path):
+  gpo = _write_gpo_run(tmp_path / "gpo")
+  # Alone: no count of untied pairs, so no SE (n/a), but the accuracy is there.
+  t = pev.proxy_table([gpo]).set_index("name")
+  assert (t["kind"] == "implicit").all() and t["gold_accuracy_se"].isna().all()
+  assert list(t["gold_accuracy"]) == [v[1] for v in IMPLICIT_SPEC.values()]
+  # An RM set on another lab does not lend its count.
+  rm = _write_rm_run(tmp_path / "rm", 1, [(256, 0, 0.6)])
+  other = _write_gpo_run(tmp_path / "gpo_other", lab_hash="another")
+  t = pev.proxy_table([rm, other]).set_index("name")
+  assert t.loc[list(IMPLICIT_SPEC), "gold_accuracy_se"].isna().all()
+  # A count logged by the GPO run itself is used as is.
+  logged = _write_gpo_run(tmp_path / "gpo_logged", n_pairs_key="rewards/gold_n_pairs")
+  t = pev.proxy_table([rm, logged]).set_index("name")
+  acc = IMPLICIT_SPEC["implicit_logistic_be0.1_n1024_s0"][1]
+  assert t.loc["implicit_logistic_be0.1_n1024_s0", "gold_accuracy_n"] == 200
+  np.testing.assert_allclose(t.loc["implicit_logistic_be0.1_n1024_s0", "gold_accuracy_se"],
+                             math.sqrt(acc * (1 - acc) / 200))
+  assert pev.proxy_set_kind(logged) == "implicit" and pev.proxy_set_kind(rm) == "reward_model"
+  assert pev.proxy_set_kind(tmp_path / "missing") is None
+
+
+def test_bon_plot_panels_show_every_selector_kind():
+  from types import SimpleNamespace
+
+  from gpo_jax.analysis import proxy_plots
+  bon = {pev.ORACLE: SimpleNamespace(kind="oracle"),
+         **{f"s{i:02d}": SimpleNamespace(kind="single") for i in range(10)},
+         **{f"e{i}/wco": SimpleNamespace(kind="ensemble") for i in range(6)},
+         **{f"implicit_{i}": SimpleNamespace(kind="implicit") for i in range(2)}}
+  names = proxy_plots._selectors(bon)
+  assert len(names) == proxy_plots.MAX_PANELS
+  assert [bon[n].kind for n in names] == ["single"] * 5 + ["implicit"] * 2 + ["ensemble"] * 5
 
 
 def test_cli_writes_the_proxy_report_for_a_run_against_proxies(proxy_run, tmp_path, capsys):

@@ -248,6 +248,15 @@ class OfflineGPO(Algorithm):
     from gpo_jax import analysis
     analysis.analyze(workdir)
 
+  def export(self, workdir, lab, config, graphdef, params_M, members) -> None:
+    """With ``export_implicit = True``: the final policies' implicit rewards as a proxy set
+    (``<workdir>/proxies``), the like-for-like best-of-n selector of SPEC §5."""
+    if not config.get("export_implicit", False):
+      return
+    from gpo_jax.proxies import store
+    del graphdef
+    store.export(workdir, lab, lab.policy_cfg, params_M, members, kind="implicit")
+
   def describe(self, row) -> str:
     g = row.get("gold/reward")
     gold = f"{g:+.3f}" if g is not None and math.isfinite(g) else "nan"

@@ -149,9 +149,18 @@ class RLOO(Algorithm):
     self._banks: dict = {}
 
   def _bank(self, config, lab=None) -> bank_lib.ProxyBank:
-    key = (proxy_paths(config), None if lab is None else lab.cfg.config_hash())
+    """The proxies of ``config``, loaded (and checked against ``lab``) once per process.
+
+    ``train_data`` loads them with the lab before ``loss_fn`` asks without one.
+    """
+    key = proxy_paths(config)
+    if lab is not None:
+      key_lab = (key, lab.cfg.config_hash())
+      if key_lab not in self._banks:
+        self._banks[key_lab] = self._banks[key] = bank_lib.load(list(key), lab)
+      return self._banks[key_lab]
     if key not in self._banks:
-      self._banks[key] = bank_lib.load(list(key[0]), lab)
+      self._banks[key] = bank_lib.load(list(key))
     return self._banks[key]
 
   def members(self, config, n_train: int) -> Members:

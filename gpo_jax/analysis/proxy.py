@@ -6,6 +6,11 @@ best-of-n and RL curves and the paired tests; :mod:`gpo_jax.analysis.proxy_findi
 turns them into verdicts; this module collects both in a :class:`ProxyReport`
 (:func:`compute_proxy`), renders ``proxy.md`` (:func:`render_markdown`) and writes it with
 the CSVs and figures (:func:`write_proxy`). :func:`analyze_proxy` does all of it.
+
+The proxy sets are reward-model runs' and offline GPO runs' exports (``proxies.json``'s
+``kind``: ``reward_model`` or ``implicit``); best-of-n reports SPEC §5's three selector
+classes, labelled: the gold-selected oracle ceiling, the proxy reward models, and the
+offline policies' implicit rewards ``log π − log π_ref``.
 """
 
 from __future__ import annotations
@@ -16,10 +21,12 @@ import pathlib
 import pandas as pd
 
 from gpo_jax.analysis.findings import Finding, Thresholds, fmt
-from gpo_jax.analysis.proxy_evidence import (BAR_Z, BonResult, BonVsRl, PeakVsProxy, Pool, RlResult,
-                                             bon_curves, bon_table, bon_tests, bon_vs_rl,
-                                             ensembles_vs_singles, ensembles_vs_singles_rl, load_pool,
-                                             peak_vs_proxy, proxy_table, rl_curves)
+from gpo_jax.analysis.proxy_evidence import (BAR_Z, IMPLICIT, REWARD_MODEL, BonResult, BonVsRl,
+                                             PeakVsProxy, Pool, RlResult, bon_curves, bon_table,
+                                             bon_tests, bon_vs_rl, ensembles_vs_singles,
+                                             ensembles_vs_singles_rl, load_pool, peak_vs_proxy,
+                                             proxy_set_kind, proxy_table, rl_curves,
+                                             with_proxy_kinds)
 from gpo_jax.analysis.proxy_findings import findings
 from gpo_jax.analysis.report import md_table
 from gpo_jax.analysis.table import Run, load_run
@@ -47,6 +54,7 @@ class ProxyReport:
   bon_vs_rl: BonVsRl
   thresholds: Thresholds
   findings: list[Finding]
+  set_kinds: dict = dataclasses.field(default_factory=dict)  # proxy-set dir -> kind (None: unreadable)
   figures: dict = dataclasses.field(default_factory=dict)   # name -> [png, svg]
   path: pathlib.Path | None = None
 
@@ -61,6 +69,7 @@ def compute_proxy(rl_dir, out_dir=None, rm_dirs=None, *, ns=None,
     rm_dirs = list(((run.config or {}).get("proxies") or {}).get("paths") or [])
   rm_dirs = [str(d) for d in rm_dirs]
   proxies = proxy_table(rm_dirs, pool)
+  pool = with_proxy_kinds(pool, proxies)   # implicit rewards become selectors of kind "implicit"
   bon = bon_curves(pool, ns, alpha=th.alpha, power=th.power)
   kinds = {n: b.kind for n, b in bon.items()}
   rl = rl_curves(run, kinds, alpha=th.alpha, power=th.power)
@@ -73,23 +82,30 @@ def compute_proxy(rl_dir, out_dir=None, rm_dirs=None, *, ns=None,
                      pool=pool, rm_dirs=rm_dirs, proxies=proxies, bon=bon, bon_table=bon_table(bon),
                      bon_tests=tests, rl=rl, peak_vs_proxy=pvp, ensembles=ens, ensembles_rl=ens_rl,
                      bon_vs_rl=bvr, thresholds=th,
-                     findings=findings(tests, rl, pvp, ens, bvr, th, pool.size, ens_rl))
+                     findings=findings(tests, rl, pvp, ens, bvr, th, pool.size, ens_rl),
+                     set_kinds={d: proxy_set_kind(d) for d in rm_dirs})
 
 
 FIGURE_CAPTIONS = {
-    "proxy_bon": "Best-of-n against each selector (Gao et al. Fig. 1): gold (solid, ±1 SE band) and the "
-                 "selector's own score (dashed) vs sqrt KL, the Gao best-of-n fit (dotted), the "
-                 "gold-selected oracle ceiling in grey, the held-out peak n as a thin red line. Panels "
-                 "beyond the first 12 selectors are omitted.",
+    "proxy_bon_kinds": "Best-of-n gold vs sqrt KL for every selector on one axis, by class (SPEC §5): "
+                       "the gold-selected oracle ceiling (thick grey), single proxy RMs (blue, solid), "
+                       "ensemble objectives (purple, dashed) and offline policies' implicit rewards "
+                       "(green, dash-dotted).",
+    "proxy_bon": "Best-of-n against each selector (Gao et al. Fig. 1): gold (solid, ±1 SE band; blue "
+                 "for a proxy RM, purple for an ensemble, green dash-dotted for an implicit reward) "
+                 "and the selector's own score (dashed) vs sqrt KL, the Gao best-of-n fit (dotted), "
+                 "the gold-selected oracle ceiling in grey, the held-out peak n as a thin red line. "
+                 "At most 12 panels, shared out among the selector kinds in turn.",
     "proxy_rl": "RL against each selector: member trajectories coloured by the KL coefficient, gold "
                 "(solid) and proxy reward (dashed) vs sqrt KL, per-member Gao RL fits (dotted).",
     "proxy_bon_vs_rl": "Best-of-n (black, ±1 SE band) and RL members (coloured by KL coefficient) gold vs "
                        "sqrt KL per selector.",
 }
 
-PROXY_COLUMNS = {"name": "proxy", "n_layers": "layers", "data_size": "data", "labels": "labels",
-                 "label_noise": "noise", "seed": "seed", "gold_accuracy": "gold acc.",
-                 "gold_accuracy_se": "± se", "ece": "ECE", "gold_corr": "gold corr (RM eval)",
+PROXY_COLUMNS = {"name": "proxy", "kind": "kind", "n_layers": "layers", "data_size": "data",
+                 "labels": "labels / loss", "label_noise": "noise", "seed": "seed",
+                 "gold_accuracy": "gold acc.", "gold_accuracy_se": "± se",
+                 "gold_accuracy_n": "pairs", "ece": "ECE", "gold_corr": "gold corr (RM eval)",
                  "pool_corr": "pool corr", "within_prompt_corr": "within-prompt corr"}
 BON_COLUMNS = {"selector": "selector", "kind": "kind", "within_prompt_corr": "within-prompt corr",
                "peak_n": "peak n", "kl_at_peak": "KL at peak", "peak_gold": "peak gold",
@@ -124,17 +140,42 @@ BVR_COLUMNS = {"selector": "selector", "at": "RL point", "members": "members", "
                "n_bon_better": "BoN higher", "n_rl_better": "RL higher", "n_out_of_range": "beyond BoN KL"}
 
 
+def _plural(n: int, one: str, many: str | None = None) -> str:
+  return f"{fmt(n)} {one if n == 1 else (many or one + 's')}"
+
+
+def _sources_text(rm_dirs, set_kinds: dict) -> str:
+  """``2 reward-model runs and 1 offline-policy run (`a`, `b`, `c`)``, by each set's kind."""
+  kinds = [set_kinds.get(d, proxy_set_kind(d)) for d in rm_dirs]
+  counts = [(sum(k == REWARD_MODEL for k in kinds), "reward-model run"),
+            (sum(k == IMPLICIT for k in kinds), "offline-policy run"),
+            (sum(k not in (REWARD_MODEL, IMPLICIT) for k in kinds), "unreadable run")]
+  parts = [_plural(n, what) for n, what in counts if n]
+  names = ", ".join(f"`{pathlib.Path(d).name}`" for d in rm_dirs) or "none given"
+  if not parts:
+    return f"no proxy-set runs ({names})"
+  return (", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]) + f" ({names})"
+
+
+def _selectors_text(bon: dict) -> str:
+  counts = {k: sum(b.kind == k for b in bon.values()) for k in ("single", "ensemble", "implicit")}
+  parts = [_plural(n, what, many) for n, what, many in
+           ((counts["single"], "single proxy RM", "single proxy RMs"),
+            (counts["ensemble"], "ensemble objective", None),
+            (counts["implicit"], "implicit reward", None)) if n]
+  n_sel = sum(counts.values())
+  return f"{_plural(n_sel, 'selector')} ({', '.join(parts) or 'none'}) beside the gold-selected oracle"
+
+
 def render_markdown(rep: ProxyReport) -> str:
   """The text of ``proxy.md`` (deterministic: no timestamps, numbers via ``fmt``)."""
   th, pool = rep.thresholds, rep.pool
   rel = lambda p: p.relative_to(rep.out_dir).as_posix()  # noqa: E731
   t = rep.rl.trajectories
-  n_sel = sum(b.kind != "oracle" for b in rep.bon.values())
   betas = sorted(t["beta"].dropna().unique()) if not t.empty else []
   out = [f"# Overoptimisation against proxies: `{rep.run.path.name}`", "",
-         f"{fmt(len(pool.proxy_names))} proxies from {fmt(len(rep.rm_dirs))} reward-model run(s) "
-         f"({', '.join(f'`{pathlib.Path(d).name}`' for d in rep.rm_dirs) or 'none given'}); "
-         f"{fmt(n_sel)} selectors (single proxies and ensemble objectives). Best-of-n: π_ref's pool of "
+         f"{fmt(len(pool.proxy_names))} proxies from {_sources_text(rep.rm_dirs, rep.set_kinds)}; "
+         f"{_selectors_text(rep.bon)}. Best-of-n: π_ref's pool of "
          f"N = {fmt(pool.size)} samples on each of {fmt(pool.num_prompts)} eval prompts, unbiased "
          f"estimator, KL = log n − (n − 1)/n up to {fmt(float(bon_lib.kl_bon(pool.size)))} nats. RL: "
          f"{fmt(t['member'].nunique() if not t.empty else 0)} members on "
@@ -150,14 +191,22 @@ def render_markdown(rep: ProxyReport) -> str:
           f"{fmt(100 * th.power)}% power. \"Peaks and falls\" needs z ≥ {fmt(BAR_Z)}: the peak is "
           "chosen on the even prompts and the drop measured on the odd ones, paired.", ""]
   if not rep.proxies.empty:
-    out += ["## Proxies", "", "Final eval of each reward-model run (gold accuracy on held-out pairs, "
-            "ECE, correlation with gold) and, on the pool, the correlation with gold over all samples "
-            "and within a prompt (what best-of-n ranks by).", "", md_table(rep.proxies, PROXY_COLUMNS), ""]
+    out += ["## Proxies", "", "Final eval of each proxy's run. A reward model (kind reward_model): "
+            "gold accuracy on held-out pairs, ECE, correlation with gold. An implicit reward (kind "
+            "implicit: an offline GPO policy scored by log π − log π_ref, labelled by its loss and "
+            "β_eff): the run's final-step rewards/gold_accuracies for that member (the sign of the "
+            "implicit reward margin against the gold ordering on the held-out untied pairs; a zero "
+            "margin counts as wrong), with a binomial SE over \"pairs\" untied pairs where that "
+            "number is known (logged, or the rm/n_pairs of a reward-model set on the same lab and "
+            "test pairs), no ECE. On the pool: the correlation with gold over all samples and within "
+            "a prompt (what best-of-n ranks by).", "", md_table(rep.proxies, PROXY_COLUMNS), ""]
   out += ["## Best-of-n per selector", "",
           "Peak n chosen on the even prompts; peak, end (largest n) gold and the drop measured on the "
           "odd prompts; Gao best-of-n fit R(d) = d(α − β d) over all prompts, SE-weighted (its d* SE "
           "treats the n-points as independent, though they share pool samples); proxy rise: the "
-          "selector's own score from the peak n to the largest n, paired.", "",
+          "selector's own score from the peak n to the largest n, paired. Kinds (SPEC §5): oracle "
+          "(selects by gold: the ceiling), single (one proxy RM), ensemble (an objective over "
+          "proxies), implicit (one offline policy's implicit reward, the like-for-like baseline).", "",
           md_table(rep.bon_tests, BON_COLUMNS), ""]
   if not rep.rl.tests.empty:
     out += ["## RL members", "", "Held-out peak test per member (peak step chosen on even prompts), "
@@ -165,8 +214,9 @@ def render_markdown(rep: ProxyReport) -> str:
             "the largest-KL step on the measuring prompts.", "", md_table(rep.rl.tests, RL_COLUMNS), ""]
   pvp = rep.peak_vs_proxy
   if not pvp.groups.empty:
-    out += ["## Peak against proxy size and data", "", "Single-proxy selectors grouped by proxy, "
-            "averaged over seeds (peak gold on the measuring prompts at each selector's own peak n).", "",
+    out += ["## Peak against proxy size and data", "", "Single proxy-RM selectors grouped by proxy "
+            "(implicit rewards excluded), averaged over seeds (peak gold on the measuring prompts at "
+            "each selector's own peak n).", "",
             md_table(pvp.groups, GROUP_COLUMNS), ""]
     if not pvp.tests.empty:
       out += [md_table(pvp.tests, SCALE_COLUMNS), ""]
@@ -225,8 +275,9 @@ def analyze_proxy(rl_dir, out_dir=None, rm_dirs=None, figures: bool = True, *, n
   Args:
     rl_dir: the RL run directory (``metrics.jsonl``, ``per_prompt/``, ``bon_pool.npz``).
     out_dir: where to write (default ``RL_DIR/report``).
-    rm_dirs: the reward-model runs the proxies came from (default: config.json's
-      ``proxies.paths``); missing ones are described from the proxies' names.
+    rm_dirs: the runs the proxy sets came from, reward-model runs and offline GPO runs
+      (implicit rewards) alike (default: config.json's ``proxies.paths``); missing ones are
+      described from the proxies' names.
     figures: draw the figures (PNG + SVG).
     ns: best-of-n grid (default: powers of 2 up to N, and N).
     thresholds: test level and power.

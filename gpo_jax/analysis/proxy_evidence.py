@@ -6,11 +6,14 @@ by every proxy, from which best-of-n under any selector (a single proxy or an en
 objective) is computed exactly. Everything here is paired per prompt (SPEC §4):
 
 * :class:`Pool`, :func:`make_pool`, :func:`load_pool`: the pool and its selectors.
-* :func:`proxy_table`: the proxies (reward-model runs' final accuracy, calibration) and how
-  well each one ranks the pool.
+* :func:`proxy_table`: the proxies (reward-model runs' final accuracy, calibration; offline
+  policies' implicit-reward accuracy) and how well each one ranks the pool.
 * :func:`bon_curves`: per selector, the unbiased best-of-n gold and proxy curves, the Gao
   best-of-n fit, the held-out peak-and-fall test and whether the proxy keeps rising. The
-  oracle selector (gold itself) is the ceiling. :func:`bon_table` and :func:`bon_tests`
+  oracle selector (gold itself) is the ceiling; SPEC §5's like-for-like baselines select
+  by a proxy reward model (kinds ``single``, ``ensemble``) or by an offline policy's
+  implicit reward ``log π − log π_ref`` (kind ``implicit``: a proxy set of kind
+  ``implicit``, exported by an offline GPO run). :func:`bon_table` and :func:`bon_tests`
   tabulate them.
 * :func:`rl_curves`: the same per RL member (Gao RL form).
 * :func:`peak_vs_proxy`, :func:`ensembles_vs_singles`, :func:`ensembles_vs_singles_rl`,
@@ -51,9 +54,21 @@ POOL_FILE = "bon_pool.npz"
 ORACLE = "gold"          # the selector that ranks by gold itself: the oracle ceiling
 BAR_Z = 3.0              # the project's bar: "peaks and falls by at least 3 paired SEs"
 GROUP_KEYS = ("n_layers", "data_size", "labels", "label_noise")
-_KIND_ORDER = {"oracle": 0, "single": 1, "ensemble": 2}
+# Proxy-set kinds (``proxies.json``'s ``kind``; absent means a reward model).
+REWARD_MODEL, IMPLICIT = "reward_model", "implicit"
+SET_KINDS = (REWARD_MODEL, IMPLICIT)
+# Selector kinds: the gold-selected ceiling, one proxy RM, an objective over several proxies,
+# one offline policy's implicit reward.
+SELECTOR_KINDS = ("oracle", "single", "ensemble", "implicit")
+PROXY_RM_KINDS = ("single", "ensemble")
+_KIND_ORDER = {k: i for i, k in enumerate(SELECTOR_KINDS)}
+_ONE_PROXY = ("single", "implicit")   # selectors that rank by one proxy alone
 _NAME_RE = re.compile(r"^L(?P<n_layers>\d+)_n(?P<data_size>\d+)_(?P<labels>[a-z]+)"
                       r"(?:_q(?P<label_noise>[0-9.eE+-]+))?(?:_lr[0-9.eE+-]+)?_s(?P<seed>\d+)$")
+_IMPLICIT_RE = re.compile(r"^implicit_(?P<family>.+)_be(?P<beta_eff>[0-9.eE+-]+)_n(?P<data_size>\d+)"
+                          r"_s(?P<seed>\d+)$")
+# Where an implicit reward's count of untied held-out pairs may be logged.
+_N_PAIRS_KEYS = ("rewards/gold_n_pairs", "rewards/n_pairs", "rewards/gold_accuracies_n")
 
 
 # ---------------------------------------------------------------------- the π_ref pool
@@ -69,6 +84,9 @@ class Pool:
     mask: ``[S, P]`` 0/1, the proxies a selector combines.
     objective: ``[S]`` index into :data:`gpo_jax.objectives.ensembles.OBJECTIVES`.
     lam: ``[S]`` UWO's variance penalty.
+    proxy_kinds: ``P`` proxy-set kinds (:data:`SET_KINDS`); empty means every proxy is a
+      reward model (the pool file does not record it: :func:`with_proxy_kinds` sets it
+      from the proxy sets' ``proxies.json``).
   """
   gold: np.ndarray
   proxies: np.ndarray
@@ -77,6 +95,7 @@ class Pool:
   mask: np.ndarray
   objective: np.ndarray
   lam: np.ndarray
+  proxy_kinds: tuple[str, ...] = ()
 
   def __post_init__(self):
     e, n = self.gold.shape
@@ -89,6 +108,10 @@ class Pool:
       raise ValueError(f"selector table shapes mask {self.mask.shape}, objective "
                        f"{self.objective.shape}, lam {self.lam.shape} do not fit {s} selectors "
                        f"over {p} proxies")
+    if self.proxy_kinds and (len(self.proxy_kinds) != p
+                             or not set(self.proxy_kinds) <= set(SET_KINDS)):
+      raise ValueError(f"proxy_kinds {self.proxy_kinds} must give one of {list(SET_KINDS)} "
+                       f"for each of the {p} proxies")
 
   @property
   def num_prompts(self) -> int:
@@ -105,9 +128,17 @@ class Pool:
   def members(self, s: int) -> tuple[str, ...]:
     return tuple(p for p, m in zip(self.proxy_names, self.mask[s]) if m > 0)
 
+  def proxy_kind(self, p: int) -> str:
+    """Proxy ``p``'s set kind (:data:`REWARD_MODEL` unless ``proxy_kinds`` says otherwise)."""
+    return self.proxy_kinds[p] if self.proxy_kinds else REWARD_MODEL
+
   def kind(self, s: int) -> str:
-    """``"single"`` for one proxy under the mean objective, else ``"ensemble"``."""
-    return "single" if int(np.sum(self.mask[s] > 0)) == 1 and self.objective_name(s) == "mean" else "ensemble"
+    """One proxy under the mean objective: ``"single"`` (a reward model) or ``"implicit"``
+    (an offline policy's implicit reward); several proxies or another objective: ``"ensemble"``."""
+    used = np.flatnonzero(self.mask[s] > 0)
+    if used.size == 1 and self.objective_name(s) == "mean":
+      return "implicit" if self.proxy_kind(int(used[0])) == IMPLICIT else "single"
+    return "ensemble"
 
   def scores(self, s: int) -> np.ndarray:
     """Selector ``s``'s score of every pool sample, ``[E, N]`` (as the trainer applies it)."""
@@ -116,7 +147,8 @@ class Pool:
 
 
 def make_pool(gold_ExN, proxies_PxExN, proxy_names, ensembles_spec=None,
-              objectives=("mean", "wco", "uwo"), uwo_lambda: float = 1.0) -> Pool:
+              objectives=("mean", "wco", "uwo"), uwo_lambda: float = 1.0,
+              proxy_kinds=None) -> Pool:
   """A pool with one single selector per proxy and ``<ens>/<objective>`` per ensemble.
 
   Mirrors the trainer's selector naming (``gpo_jax.proxies.selectors.build``) for pools made
@@ -129,8 +161,11 @@ def make_pool(gold_ExN, proxies_PxExN, proxy_names, ensembles_spec=None,
     ensembles_spec: ``{name: [proxy names]}``.
     objectives: the objectives each ensemble gets.
     uwo_lambda: UWO's λ.
+    proxy_kinds: ``{name: kind}`` or one kind per proxy (default: all reward models).
   """
   names = list(proxy_names)
+  if isinstance(proxy_kinds, dict):
+    proxy_kinds = [proxy_kinds.get(n, REWARD_MODEL) for n in names]
   rows, obj, lam, sel = [], [], [], []
   for i, n in enumerate(names):
     m = np.zeros(len(names))
@@ -143,7 +178,17 @@ def make_pool(gold_ExN, proxies_PxExN, proxy_names, ensembles_spec=None,
       lam.append(float(uwo_lambda) if o == "uwo" else 0.0); sel.append(f"{ens}/{o}")
   return Pool(gold=np.asarray(gold_ExN, np.float64), proxies=np.asarray(proxies_PxExN, np.float64),
               proxy_names=tuple(names), selector_names=tuple(sel), mask=np.stack(rows),
-              objective=np.asarray(obj, np.int64), lam=np.asarray(lam, np.float64))
+              objective=np.asarray(obj, np.int64), lam=np.asarray(lam, np.float64),
+              proxy_kinds=tuple(proxy_kinds or ()))
+
+
+def with_proxy_kinds(pool: Pool, proxies: pd.DataFrame) -> Pool:
+  """The pool with each proxy's set kind from :func:`proxy_table`'s ``kind`` column (missing: reward model)."""
+  if proxies is None or proxies.empty or "kind" not in proxies.columns:
+    return pool
+  kinds = dict(zip(proxies["name"], proxies["kind"].fillna(REWARD_MODEL)))
+  return dataclasses.replace(pool, proxy_kinds=tuple(str(kinds.get(n, REWARD_MODEL))
+                                                     for n in pool.proxy_names))
 
 
 def load_pool(rl_dir) -> Pool:
@@ -158,7 +203,9 @@ def load_pool(rl_dir) -> Pool:
                 selector_names=tuple(str(s) for s in z["selector_names"]),
                 mask=z["selector_mask"].astype(np.float64),
                 objective=z["selector_objective"].astype(np.int64),
-                lam=z["selector_lam"].astype(np.float64))
+                lam=z["selector_lam"].astype(np.float64),
+                proxy_kinds=(tuple(str(s) for s in z["proxy_kinds"]) if "proxy_kinds" in z.files
+                             else ()))
 
 
 def _within_prompt_corr(a_ExN: np.ndarray, b_ExN: np.ndarray) -> float:
@@ -186,57 +233,190 @@ def parse_proxy_name(name: str) -> dict:
           "label_noise": float(d["label_noise"] or 0.0), "seed": int(d["seed"])}
 
 
-def _rm_rows(rm_dir: pathlib.Path) -> list[dict]:
-  meta_path = rm_dir / "proxies" / "proxies.json"
-  if not meta_path.exists():
-    return []
-  meta = json.loads(meta_path.read_text())
-  n_layers = int(meta.get("model", {}).get("n_layers", -1))
-  metrics = read_jsonl(rm_dir / "metrics.jsonl") if (rm_dir / "metrics.jsonl").exists() else []
+def implicit_label(family: str, beta_eff) -> str:
+  """How an implicit reward is labelled in the tables: its GPO loss and effective β, e.g. ``logistic β_eff 0.1``."""
+  return f"{family} β_eff {fmt(beta_eff)}"
+
+
+def parse_implicit_name(name: str) -> dict:
+  """The fields of an implicit-reward name ``implicit_<family>_be<β_eff>_n<data>_s<seed>``; {} if it does not parse."""
+  m = _IMPLICIT_RE.match(name)
+  if not m:
+    return {}
+  d = m.groupdict()
+  try:
+    beta_eff = float(d["beta_eff"])
+  except ValueError:
+    return {}
+  return {"family": d["family"], "beta_eff": beta_eff, "data_size": int(d["data_size"]),
+          "seed": int(d["seed"]), "labels": implicit_label(d["family"], beta_eff)}
+
+
+def _read_json(path: pathlib.Path) -> dict | None:
+  try:
+    return json.loads(path.read_text())
+  except (OSError, ValueError):
+    return None
+
+
+def proxy_set_kind(run_dir) -> str | None:
+  """The kind of the proxy set a run exported (``proxies/proxies.json``; :data:`REWARD_MODEL` when it has no ``kind``), None if unreadable."""
+  meta = _read_json(pathlib.Path(run_dir) / "proxies" / "proxies.json")
+  return None if meta is None else str(meta.get("kind", REWARD_MODEL))
+
+
+def _held_out_pairs(run_dir: pathlib.Path) -> int | None:
+  """How many of the lab's test pairs a run's evaluator used (its config's ``eval.n_test_pairs``, 0 = all)."""
+  cfg = _read_json(run_dir / "config.json") or {}
+  try:
+    n_lab = int(cfg["lab"]["n_test_pairs"])
+    k = int((cfg.get("eval") or {}).get("n_test_pairs", 0))
+  except (KeyError, TypeError, ValueError):
+    return None
+  return n_lab if k <= 0 else min(k, n_lab)
+
+
+def _finite(x) -> bool:
+  try:
+    return x is not None and math.isfinite(float(x))
+  except (TypeError, ValueError):
+    return False
+
+
+def _final_rows(run_dir: pathlib.Path, key: str) -> dict[int, dict]:
+  """Per member, its last non-diverged ``metrics.jsonl`` row with a finite ``key``."""
+  path = run_dir / "metrics.jsonl"
   last: dict[int, dict] = {}
-  for r in metrics:   # the final evaluated row of each member
-    acc = r.get("rm/gold_accuracy")
-    if acc is None or not math.isfinite(float(acc)) or r.get("diverged"):
+  for r in read_jsonl(path) if path.exists() else []:
+    if not _finite(r.get(key)) or r.get("diverged") or "member" not in r:
       continue
     m = int(r["member"])
     if m not in last or r["step"] >= last[m]["step"]:
       last[m] = r
+  return last
+
+
+def _num(r: dict, key: str) -> float:
+  return float(r[key]) if _finite(r.get(key)) else float("nan")
+
+
+def _rm_rows(rm_dir: pathlib.Path, meta: dict) -> list[dict]:
+  n_layers = int(meta.get("model", {}).get("n_layers", -1))
+  last = _final_rows(rm_dir, "rm/gold_accuracy")
   rows = []
   for mem in meta.get("members", []):
     r = last.get(int(mem["member"]), {})
-    rows.append({"name": mem["name"], "rm_run": rm_dir.name, "rm_member": int(mem["member"]),
-                 "n_layers": n_layers, "data_size": int(mem.get("data_size", -1)),
+    rows.append({"name": mem["name"], "kind": REWARD_MODEL, "rm_run": rm_dir.name,
+                 "rm_member": int(mem["member"]), "n_layers": n_layers,
+                 "data_size": int(mem.get("data_size", -1)),
                  "labels": str(mem.get("labels", "")), "label_noise": float(mem.get("label_noise", 0.0)),
                  "gamma": float(mem.get("gamma", float("nan"))), "seed": int(mem.get("seed", -1)),
                  "rm_step": float(r.get("step", float("nan"))),
-                 **{k.replace("rm/", ""): float(r[k]) if r.get(k) is not None else float("nan")
-                    for k in ("rm/gold_accuracy", "rm/gold_accuracy_se", "rm/ece", "rm/gold_corr")}})
+                 **{k.replace("rm/", ""): _num(r, k)
+                    for k in ("rm/gold_accuracy", "rm/gold_accuracy_se", "rm/ece", "rm/gold_corr")},
+                 "gold_accuracy_n": _num(r, "rm/n_pairs"),
+                 "lab_hash": meta.get("lab_hash"), "n_test_pairs": _held_out_pairs(rm_dir)})
   return rows
 
 
-def proxy_table(rm_dirs, pool: Pool | None = None) -> pd.DataFrame:
-  """One row per proxy: its reward-model run's final held-out metrics and, with a pool, how it ranks π_ref's samples.
+def _implicit_rows(run_dir: pathlib.Path, meta: dict) -> list[dict]:
+  """An offline GPO run's exported policies: the final-step ``rewards/gold_accuracies`` per member."""
+  n_layers = int(meta.get("model", {}).get("n_layers", -1))
+  last = _final_rows(run_dir, "rewards/gold_accuracies")
+  rows = []
+  for mem in meta.get("members", []):
+    r = last.get(int(mem["member"]), {})
+    beta_eff = float(mem.get("beta_eff", mem.get("beta", float("nan"))))
+    family = str(mem.get("family", ""))
+    n = next((_num(r, k) for k in _N_PAIRS_KEYS if _finite(r.get(k))), float("nan"))
+    rows.append({"name": mem["name"], "kind": IMPLICIT, "rm_run": run_dir.name,
+                 "rm_member": int(mem["member"]), "n_layers": n_layers,
+                 "data_size": int(mem.get("data_size", -1)), "labels": implicit_label(family, beta_eff),
+                 "label_noise": float("nan"), "gamma": float(mem.get("gamma", float("nan"))),
+                 "seed": int(mem.get("seed", -1)), "family": family,
+                 "beta": float(mem.get("beta", float("nan"))), "beta_eff": beta_eff,
+                 "lr": float(mem.get("lr", float("nan"))),
+                 "rm_step": float(r.get("step", float("nan"))),
+                 "gold_accuracy": _num(r, "rewards/gold_accuracies"), "gold_accuracy_se": float("nan"),
+                 "gold_accuracy_n": n, "gold_accuracy_n_from": "logged" if np.isfinite(n) else "",
+                 "ece": float("nan"), "gold_corr": float("nan"),
+                 "policy_kl": _num(r, "kl"), "policy_gold": _num(r, "gold/reward"),
+                 "lab_hash": meta.get("lab_hash"), "n_test_pairs": _held_out_pairs(run_dir)})
+  return rows
 
-  Columns: ``name, rm_run, n_layers, data_size, labels, label_noise, gamma, seed, rm_step,
-  gold_accuracy (± gold_accuracy_se), ece, gold_corr`` (the RM run's last eval), and from the
-  pool ``pool_corr`` (Pearson correlation of proxy and gold over all pool samples) and
-  ``within_prompt_corr`` (mean over prompts of the correlation within a prompt's samples:
-  what best-of-n ranks by). Proxies of the pool whose RM run is not readable are described
-  from their name (``source = "name"``).
+
+def _set_rows(run_dir: pathlib.Path) -> list[dict]:
+  meta = _read_json(run_dir / "proxies" / "proxies.json")
+  if meta is None:
+    return []
+  if meta.get("kind", REWARD_MODEL) == IMPLICIT:
+    return _implicit_rows(run_dir, meta)
+  return _rm_rows(run_dir, meta)
+
+
+def _implicit_se(rows: list[dict]) -> None:
+  """Binomial SEs of the implicit rewards' gold accuracies, in place.
+
+  ``n`` is the number of untied held-out pairs: logged by the GPO run, or else the
+  ``rm/n_pairs`` of a reward-model set in the same table on the same lab (``lab_hash``) and
+  the same leading test pairs (both evaluators use the first ``n_test_pairs`` of the lab's
+  test split, so the untied ones are the same pairs); n/a otherwise.
+  """
+  rm_n = {}
+  for r in rows:
+    if r.get("kind") == REWARD_MODEL and r.get("lab_hash") and r.get("n_test_pairs") \
+        and np.isfinite(r.get("gold_accuracy_n", float("nan"))):
+      rm_n.setdefault((r["lab_hash"], r["n_test_pairs"]), (r["gold_accuracy_n"], r["rm_run"]))
+  for r in rows:
+    if r.get("kind") != IMPLICIT or "gold_accuracy_n" not in r:
+      continue
+    if not np.isfinite(r["gold_accuracy_n"]):
+      hit = rm_n.get((r.get("lab_hash"), r.get("n_test_pairs")))
+      if hit is not None:
+        r["gold_accuracy_n"], r["gold_accuracy_n_from"] = float(hit[0]), f"rm/n_pairs of {hit[1]}"
+    a, n = r["gold_accuracy"], r["gold_accuracy_n"]
+    if np.isfinite(a) and np.isfinite(n) and n > 1:
+      r["gold_accuracy_se"] = math.sqrt(a * (1 - a) / n)
+
+
+def proxy_table(rm_dirs, pool: Pool | None = None) -> pd.DataFrame:
+  """One row per proxy: its run's final held-out metrics and, with a pool, how it ranks π_ref's samples.
+
+  Columns: ``name, kind`` (:data:`REWARD_MODEL` or :data:`IMPLICIT`, from the set's
+  ``proxies.json``), ``rm_run`` (the run the set came from), ``n_layers, data_size, labels,
+  label_noise, gamma, seed, rm_step, gold_accuracy (± gold_accuracy_se, over
+  gold_accuracy_n untied pairs), ece, gold_corr``. A reward model's come from its run's last
+  eval (``rm/*``). An implicit reward (an offline GPO policy scored by ``log π − log
+  π_ref``) has ``labels`` = its loss and effective β (``logistic β_eff 0.1``), ``family,
+  beta, beta_eff, lr`` from ``proxies.json``, ``gold_accuracy`` = the GPO run's final-step
+  ``rewards/gold_accuracies`` for that member, a binomial SE where the number of untied
+  held-out pairs is known (see :func:`_implicit_se`), no ECE or gold correlation, and the
+  policy's own final ``policy_kl`` and ``policy_gold``. From the pool: ``pool_corr``
+  (Pearson correlation of proxy and gold over all pool samples) and ``within_prompt_corr``
+  (mean over prompts of the correlation within a prompt's samples: what best-of-n ranks
+  by). Proxies of the pool whose run is not readable are described from their name
+  (``source = "name"``; ``implicit_*`` names as implicit rewards).
 
   Args:
-    rm_dirs: reward-model run directories (their ``proxies/proxies.json`` and ``metrics.jsonl``).
+    rm_dirs: proxy-set run directories (their ``proxies/proxies.json``, ``metrics.jsonl`` and
+      ``config.json``): reward-model runs and offline GPO runs alike.
     pool: the pool to correlate with gold (optional).
   """
   rows = []
   for d in rm_dirs or ():
-    for r in _rm_rows(pathlib.Path(d)):
-      rows.append({**r, "source": "rm run"})
+    for r in _set_rows(pathlib.Path(d)):
+      rows.append({**r, "source": "rm run" if r["kind"] == REWARD_MODEL else "policy run"})
+  _implicit_se(rows)
   known = {r["name"] for r in rows}
   if pool is not None:
     for name in pool.proxy_names:
-      if name not in known:
-        rows.append({"name": name, "source": "name", **parse_proxy_name(name)})
+      if name in known:
+        continue
+      imp = parse_implicit_name(name)
+      if imp:
+        rows.append({"name": name, "kind": IMPLICIT, "source": "name", **imp})
+      else:
+        rows.append({"name": name, "kind": REWARD_MODEL, "source": "name", **parse_proxy_name(name)})
   t = pd.DataFrame(rows)
   if t.empty:
     return t
@@ -257,7 +437,8 @@ class BonResult:
 
   Attributes:
     selector: its name (:data:`ORACLE` for the gold-selected ceiling).
-    kind: ``"oracle"``, ``"single"`` or ``"ensemble"``.
+    kind: ``"oracle"``, ``"single"`` (one proxy RM), ``"ensemble"`` or ``"implicit"`` (one
+      offline policy's implicit reward; :data:`SELECTOR_KINDS`).
     members: the proxies it combines.
     objective: ``mean``/``wco``/``uwo`` (``gold`` for the oracle).
     n, kl, sqrt_kl: the grid, ``kl = kl_bon(n)``.
@@ -377,7 +558,7 @@ def bon_curves(pool: Pool, ns=None, *, alpha: float = inference.ALPHA,
 
 
 def _order(names, kinds) -> list[str]:
-  return sorted(names, key=lambda n: (_KIND_ORDER.get(kinds[n], 3), n))
+  return sorted(names, key=lambda n: (_KIND_ORDER.get(kinds[n], len(_KIND_ORDER)), n))
 
 
 def bon_table(bon: dict[str, BonResult]) -> pd.DataFrame:
@@ -453,7 +634,8 @@ def rl_curves(run: Run, kinds: dict[str, str] | None = None, *, alpha: float = i
 
   Args:
     run: the loaded RL run (``family`` = the selector a member optimises).
-    kinds: ``{selector: "single" | "ensemble"}`` (default: a ``/`` in the name means ensemble).
+    kinds: ``{selector: kind}`` (:data:`SELECTOR_KINDS`; default: a ``/`` in the name means
+      ensemble, else single).
     alpha, power: of the tests.
   """
   valid = run.valid.sort_values(["member", "step"], kind="stable")
@@ -554,13 +736,18 @@ def peak_vs_proxy(bon: dict[str, BonResult], proxies: pd.DataFrame, *,
   SE (the same resample for both groups; BoN points at different ``n`` share samples, so
   the fit's own SE, which treats them as independent, would be too small).
 
+  Only reward-model proxies take part (selector kind ``single`` and, where the table has
+  one, ``kind`` :data:`REWARD_MODEL`): implicit rewards have no grid of proxy sizes.
+
   Args:
     bon: :func:`bon_curves` results.
-    proxies: :func:`proxy_table` (names, ``n_layers``, ``data_size``, ``labels``, ...).
+    proxies: :func:`proxy_table` (names, ``kind``, ``n_layers``, ``data_size``, ``labels``, ...).
     alpha, power: of the tests.
     bootstrap_reps, seed: of the ``d*`` bootstrap.
   """
   info = proxies.set_index("name") if not proxies.empty else pd.DataFrame()
+  if "kind" in info.columns:
+    info = info[info["kind"].fillna(REWARD_MODEL) == REWARD_MODEL]
   singles = [b for name, b in sorted(bon.items()) if b.kind == "single" and len(b.members) == 1
              and b.members[0] in info.index and all(k in info.columns for k in GROUP_KEYS)]
   sel_rows = []
@@ -635,7 +822,7 @@ def ensembles_vs_singles(bon: dict[str, BonResult], *, alpha: float = inference.
   gold at the largest ``n`` (``end_gain``). Each is a paired z-test with its MDE. Ensembles
   none of whose members has a single selector in the pool are skipped.
   """
-  singles = {b.members[0]: b for b in bon.values() if b.kind == "single" and len(b.members) == 1}
+  singles = {b.members[0]: b for b in bon.values() if b.kind in _ONE_PROXY and len(b.members) == 1}
   rows = []
   for name in sorted(n for n, b in bon.items() if b.kind == "ensemble"):
     b = bon[name]
@@ -702,7 +889,7 @@ def ensembles_vs_singles_rl(rl: RlResult, pool: Pool, *, alpha: float = inferenc
     i = int(np.flatnonzero(rl.steps == int(r[f"{which}_step"]))[0])
     return rl.gold[i, int(r["member"]), mea]
 
-  singles = t[t["kind"] == "single"]
+  singles = t[t["kind"].isin(list(_ONE_PROXY))]
   rows = []
   for _, r in t[t["kind"] == "ensemble"].iterrows():
     if r["family"] not in index:

@@ -6,6 +6,9 @@ Every function takes the tables of :mod:`gpo_jax.analysis.proxy_evidence` and re
 * :func:`bon_finding`, :func:`rl_finding`: (a), (b) does gold peak and fall while the proxy
   keeps rising? Supported when a selector (member) falls by at least
   :data:`~gpo_jax.analysis.proxy_evidence.BAR_Z` paired SEs with its proxy still rising.
+  Best-of-n reports SPEC §5's three selector classes, labelled: the gold-selected oracle
+  ceiling, the proxy reward models (the verdict's tests) and offline policies' implicit
+  rewards (a separate class, the like-for-like baseline).
 * :func:`scale_finding`: (c) do larger proxies / more proxy data move the peak up and right?
 * :func:`ensemble_finding`: (d) do conservative ensembles fall less than their members, under
   best-of-n and under RL?
@@ -29,6 +32,9 @@ import pandas as pd
 from gpo_jax.analysis import inference
 from gpo_jax.analysis.findings import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED, Finding, Thresholds, fmt
 from gpo_jax.analysis.proxy_evidence import BAR_Z, BonVsRl, PeakVsProxy, RlResult
+
+_BON_CLASSES = (("oracle", "the gold-selected oracle ceiling"), ("rm", "proxy RMs"),
+                ("implicit", "implicit rewards"))
 
 
 def _count_text(k: int, n: int, what: str) -> str:
@@ -83,20 +89,81 @@ def _rl_cite(r) -> str:
           f"{fmt(r['proxy_rise_se'])} (z = {fmt(r['proxy_rise_z'])})")
 
 
+def _bon_class(tests: pd.DataFrame, cls: str) -> pd.DataFrame:
+  """The best-of-n tests of one selector class: ``oracle``, ``implicit`` or ``rm`` (every other kind: single proxy RMs and ensembles)."""
+  if tests.empty:
+    return tests
+  if cls == "rm":
+    return tests[~tests["kind"].isin(["oracle", "implicit"])]
+  return tests[tests["kind"] == cls]
+
+
+def _short_bon_cite(r) -> str:
+  return (f"{r['selector']}: drop {fmt(r['drop'])} ± {fmt(r['drop_se'])}, z = {fmt(r['drop_z'])}, "
+          f"from n = {fmt(r['peak_n'])} (KL {fmt(r['kl_at_peak'])}) to n = {fmt(r['end_n'])}; its own "
+          f"score rises z = {fmt(r['proxy_rise_z'])}")
+
+
+def _implicit_text(imp: pd.DataFrame, th: Thresholds) -> str:
+  """The implicit-reward selectors as their own class: how many fall, the strongest fall."""
+  crit = inference.normal_quantile(1 - th.alpha)
+  z, rz = imp["drop_z"].to_numpy(float), imp["proxy_rise_z"].to_numpy(float)
+  k3, kc = int(np.sum(z >= BAR_Z)), int(np.sum(z >= crit))
+  k3r = int(np.sum((z >= BAR_Z) & (rz >= crit)))
+  top = imp.loc[imp["drop_z"].fillna(-np.inf).idxmax()]
+  return (f" Implicit-reward selectors (offline policies ranked by log π − log π_ref, SPEC §5's "
+          f"like-for-like baseline; a separate class, not in the counts above): "
+          f"{_count_text(k3, len(imp), 'implicit-reward selectors')} fall by at least {fmt(BAR_Z)} "
+          f"paired SEs after their held-out peak ({fmt(k3r)} with their own score still rising), "
+          f"{fmt(kc)} at z ≥ {fmt(crit)} where {fmt(th.alpha * len(imp))} would by chance; strongest: "
+          f"{_short_bon_cite(top)}.")
+
+
+def _three_classes_text(tests: pd.DataFrame) -> str:
+  """The best selector of each class (oracle, proxy RMs, implicit rewards) by held-out peak gold, and its gold at the largest n."""
+  parts = []
+  for cls, label in _BON_CLASSES:
+    t = _bon_class(tests, cls)
+    if t.empty:
+      continue
+    b = t.loc[t["peak_gold"].fillna(-np.inf).idxmax()]
+    who = "" if cls == "oracle" else f" {b['selector']}"
+    parts.append(f"{label}{who} {fmt(b['peak_gold'])} at n = {fmt(b['peak_n'])} (KL "
+                 f"{fmt(b['kl_at_peak'])}), {fmt(b['end_gold'])} at n = {fmt(b['end_n'])}")
+  if len(parts) < 2:
+    return ""
+  return (" Gold of the best selector of each class (by held-out peak gold, the best n before the "
+          "largest; measuring prompts): " + "; ".join(parts) + ".")
+
+
 def bon_finding(tests: pd.DataFrame, th: Thresholds, pool_n: int | None = None) -> Finding:
-  """(a) Best-of-n against a proxy: gold peaks and falls while the proxy keeps rising; the oracle does not fall."""
+  """(a) Best-of-n against a proxy: gold peaks and falls while the proxy keeps rising; the oracle does not fall.
+
+  The verdict rests on the proxy reward models' selectors (single and ensemble); the
+  implicit-reward selectors (offline policies, kind ``implicit``) are reported beside them
+  as their own class, and decide only when the pool has no proxy RM. The gold-selected
+  oracle is the ceiling (SPEC §5: all three, labelled).
+  """
   q = "Best-of-n against a proxy: does gold peak and fall while the proxy keeps rising (Gao et al. 2023, Fig. 1)?"
-  px = tests[tests["kind"] != "oracle"] if not tests.empty else tests
+  rm, imp = _bon_class(tests, "rm"), _bon_class(tests, "implicit")
   kl_max = float(tests["kl_end"].max()) if not tests.empty else float("nan")
   reach = (f"The pool (N = {fmt(pool_n)}) reaches KL {fmt(kl_max)} nats"
            + ("; SPEC §6 asks for N ≥ 1024 (KL ≈ 6) so that a late fall is within reach"
               if pool_n and pool_n < 1024 else "")
            + ".")
-  f = _overopt_finding("bon_overopt", q, px, "proxy selectors", _bon_cite, th,
-                       "The pool has no proxy selectors.",
-                       "This disagrees with Gao et al. 2023 (BoN against a proxy overoptimises), "
-                       "within this pool's KL range.")
-  extra = " " + reach
+  if rm.empty and not imp.empty:
+    f = _overopt_finding("bon_overopt", q, imp, "implicit-reward selectors", _bon_cite, th,
+                         "The pool has no proxy selectors.",
+                         "The pool has no proxy-RM selector; these are offline policies' implicit "
+                         "rewards (SPEC §5's baseline) only.")
+    extra = ""
+  else:
+    f = _overopt_finding("bon_overopt", q, rm, "proxy-RM selectors", _bon_cite, th,
+                         "The pool has no proxy selectors.",
+                         "This disagrees with Gao et al. 2023 (BoN against a proxy overoptimises), "
+                         "within this pool's KL range.")
+    extra = _implicit_text(imp, th) if not imp.empty else ""
+  extra += _three_classes_text(tests) + " " + reach
   orc = tests[tests["kind"] == "oracle"] if not tests.empty else tests
   if len(orc):
     o = orc.iloc[0]

@@ -1,4 +1,8 @@
-"""Figures of the proxy report: Gao et al.'s Figure 1 for best-of-n and for RL, and best-of-n against RL per selector.
+"""Figures of the proxy report: best-of-n by selector class, Gao et al.'s Figure 1 for best-of-n and for RL, and best-of-n against RL per selector.
+
+Selector kinds (SPEC §5's classes) are labelled and styled alike in every figure
+(:data:`KIND_STYLE`): the gold-selected oracle in grey, proxy RMs blue, ensembles purple,
+offline policies' implicit rewards green dash-dotted.
 
 Every function takes the objects :mod:`gpo_jax.analysis.proxy_evidence` computes (best-of-n
 results, the RL result; duck-typed, so this module does not import it) and returns the paths
@@ -15,6 +19,10 @@ from gpo_jax.analysis import gao, plots
 
 MAX_PANELS = 12
 _ORACLE_COLOR, _BON_COLOR = "0.6", "k"
+# Per selector kind (SPEC §5's classes, labelled): gold colour, line style, legend label.
+KIND_STYLE = {"single": ("C0", "-", "proxy RM"), "ensemble": ("C4", "--", "ensemble"),
+              "implicit": ("C2", "-.", "implicit reward")}
+_KIND_ORDER = ("single", "implicit", "ensemble")
 
 
 def _grid(n: int, width: float = 3.4, height: float = 2.8):
@@ -40,10 +48,26 @@ def _band(ax, x, y, se, color, label, linestyle="-"):
     ax.fill_between(x, y - s, y + s, color=color, alpha=0.18, linewidth=0)
 
 
-def _selectors(bon: dict) -> list[str]:
-  order = {"single": 0, "ensemble": 1}
-  names = sorted((n for n, b in bon.items() if b.kind != "oracle"), key=lambda n: (order.get(bon[n].kind, 2), n))
-  return names[:MAX_PANELS]
+def _kind_rank(kind: str) -> int:
+  return _KIND_ORDER.index(kind) if kind in _KIND_ORDER else len(_KIND_ORDER)
+
+
+def _selectors(bon: dict, limit: int = MAX_PANELS) -> list[str]:
+  """Up to ``limit`` non-oracle selectors, taken from each kind in turn (so every kind shows), in kind order."""
+  by_kind: dict[str, list[str]] = {}
+  for n in sorted(n for n, b in bon.items() if b.kind != "oracle"):
+    by_kind.setdefault(bon[n].kind, []).append(n)
+  queues = [by_kind[k] for k in sorted(by_kind, key=lambda k: (_kind_rank(k), k))]
+  picked: list[str] = []
+  while len(picked) < limit and any(queues):
+    for q in queues:
+      if q and len(picked) < limit:
+        picked.append(q.pop(0))
+  return sorted(picked, key=lambda n: (_kind_rank(bon[n].kind), n))
+
+
+def _style(kind: str) -> tuple[str, str, str]:
+  return KIND_STYLE.get(kind, ("C0", "-", kind))
 
 
 def plot_bon(bon: dict, out_dir: pathlib.Path, name: str = "proxy_bon") -> list[pathlib.Path]:
@@ -51,22 +75,49 @@ def plot_bon(bon: dict, out_dir: pathlib.Path, name: str = "proxy_bon") -> list[
   names = _selectors(bon)
   oracle = next((b for b in bon.values() if b.kind == "oracle"), None)
   fig, axes = _grid(len(names))
-  for k, (ax, n) in enumerate(zip(axes, names)):
+  shown: set[str] = set()
+  for ax, n in zip(axes, names):
     b = bon[n]
+    color, ls, label = _style(b.kind)
     if oracle is not None:
       ax.plot(oracle.sqrt_kl, oracle.gold, color=_ORACLE_COLOR, linewidth=1.0, label="gold-selected (oracle)")
-    _band(ax, b.sqrt_kl, b.gold, b.gold_se, "C0", "gold")
+    _band(ax, b.sqrt_kl, b.gold, b.gold_se, color, f"gold ({label} selects)", linestyle=ls)
     ax.plot(b.sqrt_kl, b.proxy, color="C1", linestyle="--", marker="s", markersize=2.5, label="proxy (selector score)")
     if b.fit is not None:
       grid = np.linspace(0, b.sqrt_kl[-1], 100)
-      ax.plot(grid, gao.gao_curve("bon", b.fit.alpha, b.fit.beta, grid), color="C0", linestyle=":",
+      ax.plot(grid, gao.gao_curve("bon", b.fit.alpha, b.fit.beta, grid), color=color, linestyle=":",
               label="Gao BoN fit")
     pk = b.peak.peak_index
     ax.axvline(b.sqrt_kl[pk], color="C3", linewidth=0.6, alpha=0.6)
-    ax.set(title=f"{n} ({b.kind})", xlabel="sqrt KL (BoN)", ylabel="reward (ref-subtracted)")
+    ax.set(title=f"{n} ({label})", xlabel="sqrt KL (BoN)", ylabel="reward (ref-subtracted)")
+    ax.title.set_fontsize(8)
     ax.grid(alpha=0.3)
-    if k == 0:
+    if b.kind not in shown:   # one legend per kind
+      shown.add(b.kind)
       ax.legend(fontsize=6)
+  return plots.save(fig, pathlib.Path(out_dir), name)
+
+
+def plot_bon_kinds(bon: dict, out_dir: pathlib.Path, name: str = "proxy_bon_kinds") -> list[pathlib.Path]:
+  """Every selector's best-of-n gold vs sqrt KL on one axis, styled by class: oracle ceiling, proxy RMs, ensembles, implicit rewards."""
+  fig, axes = plots.figure(1, 1, figsize=(6.0, 4.2), squeeze=False)
+  ax = axes[0, 0]
+  oracle = next((b for b in bon.values() if b.kind == "oracle"), None)
+  if oracle is not None:
+    _band(ax, oracle.sqrt_kl, oracle.gold, oracle.gold_se, _ORACLE_COLOR, "gold-selected (oracle ceiling)")
+    ax.lines[-1].set_linewidth(2.2)
+  labelled: set[str] = set()
+  for n in sorted((n for n, b in bon.items() if b.kind != "oracle"),
+                  key=lambda n: (_kind_rank(bon[n].kind), n)):
+    b = bon[n]
+    color, ls, label = _style(b.kind)
+    ax.plot(b.sqrt_kl, b.gold, color=color, linestyle=ls, linewidth=1.0, alpha=0.8,
+            label=label if b.kind not in labelled else None)
+    labelled.add(b.kind)
+  ax.set(title="Best-of-n gold by selector class", xlabel="sqrt KL (BoN)",
+         ylabel="gold (ref-subtracted)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
   return plots.save(fig, pathlib.Path(out_dir), name)
 
 
@@ -129,7 +180,7 @@ def plot_bon_vs_rl(bon: dict, rl, out_dir: pathlib.Path, name: str = "proxy_bon_
 def make_figures(rep) -> dict[str, list[pathlib.Path]]:
   """All figures of a :class:`~gpo_jax.analysis.proxy.ProxyReport` into ``rep.out_dir/figures``."""
   fig_dir = rep.out_dir / "figures"
-  figs = {"proxy_bon": plot_bon(rep.bon, fig_dir)}
+  figs = {"proxy_bon_kinds": plot_bon_kinds(rep.bon, fig_dir), "proxy_bon": plot_bon(rep.bon, fig_dir)}
   rl = plot_rl(rep.rl, fig_dir)
   if rl is not None:
     figs["proxy_rl"] = rl

@@ -70,6 +70,7 @@ _REF_STREAM = 0x7EF
 BON_FILE = "bon.json"
 #: the π_ref pool scored by gold and by every proxy (runs against a proxy only)
 POOL_FILE = "bon_pool.npz"
+SWEEP_AXIS = "sweep"     # the mesh axis members (and the proxy-scored pool's prompts) use
 #: prefix of the ``[M, E]`` per-prompt arrays in the evaluator's result (saved by the loop
 #: to ``per_prompt/<step>.npz``, the input of every paired comparison in the analysis)
 PER_PROMPT = "prompt/"
@@ -230,8 +231,29 @@ class Evaluator:
       return (gold, jnp.sum(mask, axis=-1).astype(jnp.float32),
               sequences.ends_with_eos(resp, mask, sampling.EOS), parts)
 
-    keys = jax.random.split(key, prompts_ExP.shape[0])
-    return jax.lax.map(lambda a: one_prompt(*a), (prompts_ExP, keys))
+    e = prompts_ExP.shape[0]
+    keys = jax.random.split(key, e)
+    groups = self._pool_groups(e) if proxy_params is not None else 1
+    if groups == 1:
+      return jax.lax.map(lambda a: one_prompt(*a), (prompts_ExP, keys))
+    # Against a proxy the pool is large (N ~ 1024 per prompt, every proxy scores it): its
+    # prompts are split over the sweep axis of the mesh, so each device samples and scores
+    # its own prompts instead of every device repeating the whole pool. Every prompt keeps
+    # its own key, so the samples are those of the unsplit pool.
+    sh = jax.sharding.NamedSharding(self.sharding.mesh, jax.sharding.PartitionSpec(SWEEP_AXIS))
+    split = lambda x: jax.lax.with_sharding_constraint(  # noqa: E731
+        x.reshape((groups, e // groups) + x.shape[1:]), sh)
+    out = jax.vmap(lambda p, k: jax.lax.map(lambda a: one_prompt(*a), (p, k)))(
+        split(prompts_ExP), split(keys))
+    return jax.tree.map(lambda x: x.reshape((e,) + x.shape[2:]), out)
+
+  def _pool_groups(self, e: int) -> int:
+    """Devices on the mesh's sweep axis when they divide the ``e`` prompts (else 1)."""
+    mesh = getattr(self.sharding, "mesh", None)
+    if mesh is None or SWEEP_AXIS not in mesh.shape:
+      return 1
+    d = int(mesh.shape[SWEEP_AXIS])
+    return d if d > 1 and e % d == 0 else 1
 
   def reference(self) -> dict[str, Any]:
     """Samples the ``π_ref`` pool once; sets the gold baseline and returns ``bon.json``.

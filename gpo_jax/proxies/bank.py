@@ -29,18 +29,21 @@ class ProxyBank:
     return len(self.names)
 
   def params(self) -> tuple[Any, ...]:
-    """The jit-able part: per set ``(params [P_s, ...], mean [P_s], std [P_s])``."""
+    """The jit-able part: per set ``(params [P_s, ...], mean [P_s], std [P_s], ref)``
+    (``ref``: π_ref's parameters for an implicit-reward set, else None)."""
     return tuple((s.params, jnp.asarray(s.mean, jnp.float32),
-                  jnp.asarray(np.maximum(s.std, 1e-6), jnp.float32)) for s in self.sets)
+                  jnp.asarray(np.maximum(s.std, 1e-6), jnp.float32), s.ref)
+                 for s in self.sets)
 
   def score_fn(self):
     """``fn(params, ctx, resp, mask) -> [P, B]`` normalised scores of every proxy."""
-    defs = [(s.graphdef, s.rest) for s in self.sets]
+    defs = [(s.graphdef, s.rest, s.kind) for s in self.sets]
 
     def fn(params, ctx_BxC, resp_BxT, mask_BxT):
       out = []
-      for (graphdef, rest), (p, mean, std) in zip(defs, params):
-        raw = store.score_stack(graphdef, rest, p, ctx_BxC, resp_BxT, mask_BxT)
+      for (graphdef, rest, kind), (p, mean, std, ref) in zip(defs, params):
+        raw = store.score_stack(graphdef, rest, p, ctx_BxC, resp_BxT, mask_BxT, kind=kind,
+                                ref=ref)
         out.append((raw - mean[:, None]) / std[:, None])
       return jnp.concatenate(out, axis=0)
 
