@@ -34,11 +34,13 @@ from gpo_jax.run import presets
 VARIANTS = ("cpu", "tiny")
 
 
-def _proxies(lab: str, trunk_layers: int, data_sizes, seeds, steps: int, every: int):
+def _proxies(lab: str, trunk_layers: int, data_sizes, seeds, steps: int, every: int,
+             label_noises=(0.0,)):
   c = presets.base("reward_model", lab, presets.rm_eval(every=every, member_chunk=8))
   c.model = ml_collections.ConfigDict(dict(trunk_layers=trunk_layers))
   c.sweep = ml_collections.ConfigDict(dict(
-      seeds=seeds, lrs=(1e-3,), gammas=(0.0,), label_noises=(0.0,), data_sizes=data_sizes))
+      seeds=seeds, lrs=(1e-3,), gammas=(0.0,), label_noises=label_noises,
+      data_sizes=data_sizes))
   c.train.update(dict(steps=steps, batch_size=32, warmup_steps=20))
   c.checkpoint.every = steps
   return c
@@ -62,7 +64,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   seeds = (0, 1) if tiny else (0, 1, 2, 3)
   steps = 40 if tiny else 400
   c.proxy_runs = ml_collections.ConfigDict({
-      "proxies_L1": _proxies(lab, 1, sizes, seeds, steps, steps // 2),
+      # tiny: also proxies trained on labels flipped with probability 0.2 (the noise knob)
+      "proxies_L1": _proxies(lab, 1, sizes, seeds, steps, steps // 2,
+                             (0.0, 0.2) if tiny else (0.0,)),
       "proxies_full": _proxies(lab, 0, sizes, seeds, steps, steps // 2),
   })
   # An offline DPO policy on the proxies' middle data size: its implicit reward is the
