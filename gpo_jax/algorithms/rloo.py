@@ -179,15 +179,24 @@ class RLOO(Algorithm):
   def model(self, lab, config):
     return lab.policy()
 
-  def train_data(self, lab, config):
-    bank = self._bank(config, lab)
+  def _train_proxies(self, config, lab=None):
+    """The bank and selector table the train step uses: only the proxies that some
+    member's selector reads (the pool and the evaluation still see every proxy)."""
     sel = build_selectors(config)
+    members = self.members(config, n_train=1 << 30)
+    chosen = np.unique(members.columns["selector_idx"])
+    used = sel.used(chosen)
+    return self._bank(config, lab).subset(used), sel.restrict(used, chosen)
+
+  def train_data(self, lab, config):
+    bank, sel = self._train_proxies(config, lab)
     return {"prompt": jnp.asarray(lab.pairs("train")["prompt"]),
             SHARED: {"ref": nnx.state(lab.policy(), nnx.Param), "proxies": bank.params(),
                      "selectors": {k: jnp.asarray(v) for k, v in sel.table().items()}}}
 
   def loss_fn(self, graphdef, rest, members, config):
-    return member_loss_fn(graphdef, rest, self._bank(config).score_fn(),
+    bank, _ = self._train_proxies(config)
+    return member_loss_fn(graphdef, rest, bank.score_fn(),
                           k=int(config.rl.samples_per_prompt),
                           response_len=int(config.lab.corpus.response_len))
 
@@ -199,8 +208,11 @@ class RLOO(Algorithm):
         ref_samples_per_prompt=e.ref_samples_per_prompt, n_test_pairs=e.n_test_pairs,
         member_chunk=e.member_chunk, bon_n=tuple(e.bon_n), seed=e.seed)
     bank = self._bank(config, lab)
+    sub, sub_sel = self._train_proxies(config, lab)
     proxy = policy.ProxyEval(score_fn=bank.score_fn(), params=bank.params(),
-                             proxy_names=bank.names, selectors=build_selectors(config))
+                             proxy_names=bank.names, selectors=build_selectors(config),
+                             member_score_fn=sub.score_fn(), member_params=sub.params(),
+                             member_selectors=sub_sel)
     return policy.Evaluator.from_lab(lab, graphdef, rest, ecfg,
                                      config.train.length_normalize, sharding=sharding,
                                      proxy=proxy)

@@ -121,6 +121,17 @@ class ProxyEval:
   params: Any
   proxy_names: tuple[str, ...]
   selectors: Any
+  # Optional: the same selectors over only the proxies members read (scoring members'
+  # samples with every proxy of the pool would cost a forward each and change nothing).
+  member_score_fn: Any = None
+  member_params: Any = None
+  member_selectors: Any = None
+
+  def for_members(self):
+    """``(score_fn, params, selectors)`` used on the members' own samples."""
+    if self.member_score_fn is None:
+      return self.score_fn, self.params, self.selectors
+    return self.member_score_fn, self.member_params, self.member_selectors
 
 
 def _mean_se(x_MxE: Array) -> tuple[Array, Array]:
@@ -182,8 +193,12 @@ class Evaluator:
     # reference()) each selector's π_ref pool mean per prompt, [S, E].
     self.proxy = proxy
     self.proxy_params = None if proxy is None else self._place(proxy.params)
-    self.proxy_table = None if proxy is None else self._place(
-        {k: jnp.asarray(v) for k, v in proxy.selectors.table().items()})
+    self.member_proxy_params = self.proxy_table = None
+    if proxy is not None:
+      _, member_params, member_sel = proxy.for_members()
+      self.member_proxy_params = self._place(member_params)
+      self.proxy_table = self._place(
+          {k: jnp.asarray(v) for k, v in member_sel.table().items()})
     self.ref_proxy_SxE = None
     self.pool_arrays: dict[str, np.ndarray] = {}
     self._eval = jax.jit(self._eval_all)
@@ -366,7 +381,7 @@ class Evaluator:
     if self.proxy is not None:
       # The member's own selector (a single proxy or an ensemble objective), paired per
       # prompt with π_ref's pool mean under that selector, like gold.
-      scores_PxB = self.proxy.score_fn(aux["proxy_params"], ctx, resp, mask)
+      scores_PxB = self.proxy.for_members()[0](aux["proxy_params"], ctx, resp, mask)
       idx = hp["selector_idx"]
       per_sample["proxy/reward"] = (selectors_lib.apply(aux["proxy_table"], scores_PxB, idx)
                                     - jnp.repeat(aux["ref_proxy"][idx], n))
@@ -454,7 +469,7 @@ class Evaluator:
            "ref_gold": self.ref_gold_ExN, "ref_gold_E": self.ref_gold_E,
            "prompts": self.prompts_ExP, "test": self.test}
     if self.proxy is not None:
-      aux.update(proxy_params=self.proxy_params, proxy_table=self.proxy_table,
+      aux.update(proxy_params=self.member_proxy_params, proxy_table=self.proxy_table,
                  ref_proxy=self.ref_proxy_SxE)
     # A NumPy scalar, not a device-0 array: jit accepts it alongside multi-process arrays.
     res = self._eval(params_M, hparams, np.int32(step), aux)

@@ -5,6 +5,7 @@ import dataclasses
 from typing import Any
 
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -27,6 +28,28 @@ class ProxyBank:
   @property
   def size(self) -> int:
     return len(self.names)
+
+  def subset(self, indices) -> "ProxyBank":
+    """The bank of the proxies at ``indices`` (numbered across sets), in that order per set.
+
+    RL scores only what its members' selectors read: a proxy outside every member's
+    selector costs a forward per sample and changes no reward.
+    """
+    keep = sorted({int(i) for i in indices})
+    if not keep or keep[0] < 0 or keep[-1] >= self.size:
+      raise ValueError(f"proxy indices {list(indices)} must be non-empty and in [0, {self.size}).")
+    sets, start = [], 0
+    for st in self.sets:
+      local = [i - start for i in keep if start <= i < start + st.size]
+      start += st.size
+      if not local:
+        continue
+      idx = np.asarray(local)
+      sets.append(dataclasses.replace(
+          st, params=jax.tree.map(lambda x: x[idx], st.params),
+          names=tuple(st.names[i] for i in local), rows=tuple(st.rows[i] for i in local),
+          mean=st.mean[idx], std=st.std[idx]))
+    return ProxyBank(tuple(sets))
 
   def params(self) -> tuple[Any, ...]:
     """The jit-able part: per set ``(params [P_s, ...], mean [P_s], std [P_s], ref)``

@@ -46,6 +46,26 @@ class Selectors:
     return ensembles.combine(np.asarray(scores_PxN, np.float64), name, float(self.lam[s]),
                              self.mask[s])
 
+  def used(self, selected) -> np.ndarray:
+    """Indices of the proxies that any of the ``selected`` selectors reads."""
+    return np.flatnonzero(self.mask[np.asarray(selected, np.int64)].any(axis=0))
+
+  def restrict(self, proxies, selected) -> "Selectors":
+    """The selectors over the proxy subset ``proxies``, for use with the ``selected``
+    selector indices only (the rows stay numbered as before; a selector outside
+    ``selected`` may lose proxies and must not be applied).
+
+    Raises:
+      ValueError: a ``selected`` selector reads a proxy outside ``proxies``.
+    """
+    idx = np.asarray(proxies, np.int64)
+    chosen = np.asarray(selected, np.int64)
+    lost = np.delete(self.mask, idx, axis=1)[chosen].any(axis=1)
+    if lost.any():
+      raise ValueError("restrict() would drop proxies of selectors "
+                       f"{[self.names[i] for i in chosen[lost]]}.")
+    return dataclasses.replace(self, mask=self.mask[:, idx])
+
   def table(self) -> dict[str, np.ndarray]:
     """The arrays a jitted function indexes with a traced selector index."""
     return {"mask": self.mask.astype(np.float32), "objective": self.objective.astype(np.int32),
