@@ -530,3 +530,13 @@ def test_cli_writes_the_proxy_report_for_a_run_against_proxies(proxy_run, tmp_pa
   shutil.rmtree(run_dir / "report")
   assert analysis_main([str(run_dir), "--no-figures"]) == 0
   assert (run_dir / "report" / "report.md").exists() and not proxy_md.exists()
+
+
+def test_moved_pipeline_finds_its_proxy_runs_beside_the_rl_run(tmp_path):
+  from gpo_jax.analysis import proxy as proxy_report
+  (tmp_path / "rl").mkdir()
+  (tmp_path / "proxies_L1").mkdir()
+  moved = proxy_report._relocated("/gone/elsewhere/proxies_L1", tmp_path / "rl")
+  assert moved == str((tmp_path / "proxies_L1").resolve())
+  assert proxy_report._relocated(str(tmp_path / "rl"), tmp_path / "rl") == str(tmp_path / "rl")
+  assert proxy_report._relocated("/gone/proxies_X", tmp_path / "rl") == "/gone/proxies_X"

@@ -59,6 +59,13 @@ class ProxyReport:
   path: pathlib.Path | None = None
 
 
+def _relocated(path: str, rl_dir) -> str:
+  """A proxy run named in config.json, or its namesake beside ``rl_dir`` when the recorded
+  path is gone (a pipeline's stages moved together, e.g. into experiments/results/)."""
+  here = pathlib.Path(rl_dir).resolve().parent / pathlib.Path(path).name
+  return path if pathlib.Path(path).exists() or not here.exists() else str(here)
+
+
 def compute_proxy(rl_dir, out_dir=None, rm_dirs=None, *, ns=None,
                   thresholds: Thresholds | None = None, bootstrap_reps: int = 200) -> ProxyReport:
   """All statistics and findings of a run against proxies (no files written); see :func:`analyze_proxy`."""
@@ -66,7 +73,8 @@ def compute_proxy(rl_dir, out_dir=None, rm_dirs=None, *, ns=None,
   run = load_run(rl_dir)
   pool = load_pool(rl_dir)
   if rm_dirs is None:
-    rm_dirs = list(((run.config or {}).get("proxies") or {}).get("paths") or [])
+    rm_dirs = [_relocated(d, rl_dir) for d in
+               ((run.config or {}).get("proxies") or {}).get("paths") or []]
   rm_dirs = [str(d) for d in rm_dirs]
   proxies = proxy_table(rm_dirs, pool)
   pool = with_proxy_kinds(pool, proxies)   # implicit rewards become selectors of kind "implicit"
