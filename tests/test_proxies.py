@@ -228,6 +228,14 @@ def test_rl_against_a_proxy_raises_the_proxy_and_writes_the_scored_pool(pipe):
   assert set(first) == set(last) and len(last) == 4
   for m, r in first.items():
     assert abs(r["kl"]) < 1e-5 and abs(r["proxy/reward"]) < 4 * r["proxy/reward_se"] + 1e-6
+    assert -1.0 <= r["proxy/gold_corr"] <= 1.0, r
+  # At step 0 every member is π_ref and members of one seed draw the same samples: the
+  # within-prompt proxy–gold correlation depends on the selector only.
+  corr = {}
+  for r in first.values():
+    corr.setdefault(r["family"], set()).add(round(r["proxy/gold_corr"], 6))
+  assert all(len(v) == 1 for v in corr.values()), corr
+  assert len({v.pop() for v in corr.values()}) == len(corr), "selectors must differ"
   # With no KL penalty the proxy must rise beyond noise and KL must grow.
   for m, r in last.items():
     if r["beta"] == 0.0:
@@ -305,6 +313,18 @@ def test_rl_refuses_a_missing_proxy_set_and_only_flagged_gpo_runs_export(pipe, t
     bad.unlock()
     bad.pipeline = "other"
     pipeline.stage_configs(bad, str(tmp_path))
+
+
+def test_within_prompt_correlation_matches_numpy():
+  from gpo_jax.evaluation import policy
+  rng = np.random.default_rng(0)
+  a = rng.normal(size=(5, 7)) + rng.normal(size=(5, 1)) * 10
+  b = 0.5 * a + rng.normal(size=(5, 7)) + rng.normal(size=(5, 1)) * 10
+  ca, cb = a - a.mean(1, keepdims=True), b - b.mean(1, keepdims=True)
+  want = np.corrcoef(ca.ravel(), cb.ravel())[0, 1]
+  got = float(policy._within_prompt_corr(jnp.asarray(a.ravel()), jnp.asarray(b.ravel()), 5))
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  assert abs(want - np.corrcoef(a.ravel(), b.ravel())[0, 1]) > 0.05, "prompt means must not count"
 
 
 def test_the_proxy_pool_split_over_devices_equals_one_device(tmp_path_factory):

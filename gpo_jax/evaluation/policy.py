@@ -147,6 +147,17 @@ def _mean_se(x_MxE: Array) -> tuple[Array, Array]:
   return mean, se
 
 
+def _within_prompt_corr(a_B: Array, b_B: Array, e: int) -> Array:
+  """Pearson correlation of two per-sample scores after removing each prompt's means
+  (``[E * n]`` prompt-major); 0 where either has no within-prompt spread."""
+  a = a_B.reshape(e, -1)
+  b = b_B.reshape(e, -1)
+  a = a - jnp.mean(a, axis=1, keepdims=True)
+  b = b - jnp.mean(b, axis=1, keepdims=True)
+  den = jnp.sqrt(jnp.sum(a * a) * jnp.sum(b * b))
+  return jnp.where(den > 0, jnp.sum(a * b) / jnp.where(den > 0, den, 1.0), 0.0)
+
+
 def _per_prompt(x_B: Array, e: int) -> Array:
   """``[E * n]`` samples (prompt-major) → ``[E]`` per-prompt means."""
   return jnp.mean(x_B.reshape(e, -1), axis=-1)
@@ -383,11 +394,17 @@ class Evaluator:
       # prompt with π_ref's pool mean under that selector, like gold.
       scores_PxB = self.proxy.for_members()[0](aux["proxy_params"], ctx, resp, mask)
       idx = hp["selector_idx"]
-      per_sample["proxy/reward"] = (selectors_lib.apply(aux["proxy_table"], scores_PxB, idx)
-                                    - jnp.repeat(aux["ref_proxy"][idx], n))
+      selected = selectors_lib.apply(aux["proxy_table"], scores_PxB, idx)
+      per_sample["proxy/reward"] = selected - jnp.repeat(aux["ref_proxy"][idx], n)
+      # How well the optimised reward still tracks gold on the member's own samples, within
+      # prompts (prompt means removed from both: what the member's ranking sees).
+      extra = {"proxy/gold_corr": _within_prompt_corr(selected, gold_B, e)}
+    else:
+      extra = {}
     k = min(N_SHOWN, e)
     return {
         "per_prompt": {name: _per_prompt(v, e) for name, v in per_sample.items()},
+        **extra,
         "entropy": ent,
         # The first sample on each of the first k prompts, for reports to show as text.
         "shown": {"response": resp[::n][:k], "mask": mask[::n][:k].astype(jnp.int8),
