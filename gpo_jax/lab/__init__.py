@@ -4,7 +4,8 @@ Modules: ``corpus`` (the latent-style text world), ``config`` (the typed ``LabCo
 whose hash names a lab, and the lab errors), ``steps`` (SFT of π_ref, gold network, pairs,
 statistics), ``builder`` (runs the steps and writes a lab directory), ``dataset`` (the TFDS
 array_record builder), ``store`` (the hashed artifact directory: integrity checks, loading,
-locking, build-or-load), ``tabular`` (the exact one-step K-action lab). The names below are
+locking, build-or-load), ``tabular`` (the exact one-step K-action lab), ``games`` (exact and
+sampled online IPO, IPO-MD and Nash-MD on K-action preference games). The names below are
 the lab's public face.
 """
 
