@@ -167,3 +167,82 @@ def concat_response(
   mask_BxL = jnp.concatenate(
       [jnp.zeros(context_BxC.shape, jnp.float32), response_mask_BxT.astype(jnp.float32)], axis=1)
   return tokens_BxL, mask_BxL
+
+
+def mixture_logits(policy_logits_BxV: Array, ref_logits_BxV: Array, beta_mix) -> Array:
+  """Log-probabilities of the token-level geometric mixture of a policy and a reference.
+
+  ``log π_mix(·|s) = (1 − β_mix)·log π(·|s) + β_mix·log π_ref(·|s) − log Z(s)``,
+  renormalised per token; ``β_mix`` (the weight on π_ref, scalar or ``[B]``, may be traced)
+  is HF TRL's ``mixture_coef``. ``β_mix = 0`` is π, ``β_mix = 1`` is π_ref.
+
+  References:
+    Munos et al. 2023, "Nash Learning from Human Feedback", arXiv 2312.00886 (the
+    geometric mixture of Nash-MD); Calandriello et al. 2024, arXiv 2403.08635 (IPO-MD).
+  """
+  beta_B1 = jnp.reshape(jnp.asarray(beta_mix, jnp.float32), (-1, 1))
+  mixed = ((1.0 - beta_B1) * jax.nn.log_softmax(policy_logits_BxV.astype(jnp.float32), -1)
+           + beta_B1 * jax.nn.log_softmax(ref_logits_BxV.astype(jnp.float32), -1))
+  return jax.nn.log_softmax(mixed, axis=-1)
+
+
+def sample_mixture(
+    model: Transformer,
+    ref_model: Transformer,
+    context_BxC: Array,
+    key: Array,
+    beta_mix: Array | float,
+    *,
+    max_new_tokens: int,
+    eos_id: int = EOS,
+    pad_id: int = PAD,
+) -> tuple[Array, Array]:
+  """Samples from the token-level geometric mixture of ``model`` and ``ref_model`` (temperature 1).
+
+  Each token is drawn from :func:`mixture_logits` of the two models' next-token
+  distributions given the *same* prefix, so the mixture is a policy in its own right
+  (IPO-MD, Nash-MD), not a coin flip between a policy sample and a reference sample. The
+  two models' KV caches run side by side in one ``lax.scan``: each decode step feeds the
+  new token to both, so no prefix is ever recomputed. ``beta_mix`` may be a scalar or one
+  value per row ``[B]`` (e.g. ``y`` from π and ``y′`` from π_mix in one call), and traced.
+  Same conventions and return values as :func:`sample`; with ``beta_mix = 0`` the draws
+  follow π exactly (the reference's forward is still run).
+  """
+  cfg = model.cfg
+  b, c = context_BxC.shape
+  _validate(max_new_tokens, 1.0, None, None, cfg.vocab_size)
+  if ref_model.cfg.vocab_size != cfg.vocab_size:
+    raise ValueError(f"policy vocab_size={cfg.vocab_size} differs from the reference's "
+                     f"{ref_model.cfg.vocab_size}; a token-level mixture needs one vocabulary.")
+  if c + max_new_tokens > min(cfg.max_len, ref_model.cfg.max_len):
+    raise ValueError(f"context length {c} + max_new_tokens {max_new_tokens} exceeds max_len="
+                     f"{min(cfg.max_len, ref_model.cfg.max_len)}.")
+  if _is_concrete(beta_mix):
+    v = np.asarray(beta_mix)
+    if not np.all((v >= 0.0) & (v <= 1.0)):
+      raise ValueError(f"beta_mix must be in [0, 1] (the weight on the reference), got {beta_mix!r}.")
+  beta_B = jnp.broadcast_to(jnp.asarray(beta_mix, jnp.float32), (b,))
+  keys = jax.random.split(key, max_new_tokens)
+
+  def choose(logits, ref_logits, k, done):
+    return _choose(mixture_logits(logits, ref_logits, beta_B), k, done, 1.0, None, None,
+                   eos_id, pad_id)
+
+  logits_BxV, cache = model.prefill(context_BxC)
+  ref_logits_BxV, ref_cache = ref_model.prefill(context_BxC)
+  first = choose(logits_BxV, ref_logits_BxV, keys[0], jnp.zeros((b,), bool))
+
+  def step(carry, xs):
+    cache, ref_cache, token_B, done_B = carry
+    pos, k = xs
+    logits_BxV, cache = model.decode_step(token_B, pos, cache)
+    ref_logits_BxV, ref_cache = ref_model.decode_step(token_B, pos, ref_cache)
+    token_B, in_response_B, done_B = choose(logits_BxV, ref_logits_BxV, k, done_B)
+    return (cache, ref_cache, token_B, done_B), (token_B, in_response_B)
+
+  positions = c + jnp.arange(max_new_tokens - 1, dtype=jnp.int32)
+  _, (tokens_TxB, in_resp_TxB) = jax.lax.scan(
+      step, (cache, ref_cache, first[0], first[2]), (positions, keys[1:]))
+  tokens_BxT = jnp.concatenate([first[0][:, None], tokens_TxB.T], axis=1)
+  mask_BxT = jnp.concatenate([first[1][:, None], in_resp_TxB.T], axis=1).astype(jnp.float32)
+  return tokens_BxT, mask_BxT
