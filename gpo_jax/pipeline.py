@@ -1,4 +1,8 @@
-"""Multi-stage runs: Gao's proxy setting as one command (proxy reward models → RL and best-of-n against them → reports).
+"""Multi-stage runs: Gao's proxy setting (proxy reward models → RL and best-of-n against them → reports) and the online-vs-offline comparison, each one command.
+
+``pipeline = "online"`` (``configs/online.py``): an offline GPO stage ``offline`` and an
+online stage ``online`` (:mod:`gpo_jax.algorithms.online`) on one lab, then the comparison
+report (:mod:`gpo_jax.analysis.online`) under ``<workdir>/online/report``.
 
 A pipeline config (``configs/proxy_setting.py``) has ``pipeline = "proxy_setting"``, one
 ``lab`` section shared by every stage, ``proxy_runs`` (named reward-model run configs,
@@ -37,13 +41,29 @@ def _stage(config: ml_collections.ConfigDict, lab, lab_root: str, **extra):
   return c
 
 
+PIPELINES = ("proxy_setting", "online")
+STAGE_OFFLINE, STAGE_ONLINE = "offline", "online"
+
+
+def _lab_root(config, workdir: str) -> str:
+  return config.lab_root or os.path.join(os.path.dirname(os.path.abspath(workdir)), "labs")
+
+
 def stage_configs(config, workdir: str) -> dict[str, ml_collections.ConfigDict]:
-  """``{stage dir name: run config}`` in run order (reward models first, then RL)."""
-  if config.get("pipeline") != "proxy_setting":
-    raise ValueError(f"unknown pipeline {config.get('pipeline')!r}; valid choices: "
-                     "['proxy_setting'].")
+  """``{stage dir name: run config}`` in run order."""
+  kind = config.get("pipeline")
+  if kind not in PIPELINES:
+    raise ValueError(f"unknown pipeline {kind!r}; valid choices: {list(PIPELINES)}.")
+  lab_root = _lab_root(config, workdir)
+  if kind == "online":
+    out = {}
+    for name, want in ((STAGE_OFFLINE, "gpo"), (STAGE_ONLINE, "online")):
+      if config[name].get("algorithm") != want:
+        raise ValueError(f"{name} has algorithm {config[name].get('algorithm')!r}; the online "
+                         f"pipeline's {name} stage is a {want!r} run.")
+      out[name] = _stage(config[name], config.lab, lab_root)
+    return out
   workdir = os.path.abspath(workdir)
-  lab_root = config.lab_root or os.path.join(os.path.dirname(workdir), "labs")
   names = list(config.proxy_runs.keys())
   if not names:
     raise ValueError("proxy_runs is empty: name at least one reward-model run.")
@@ -75,13 +95,22 @@ def stage_configs(config, workdir: str) -> dict[str, ml_collections.ConfigDict]:
 
 
 def run(config, workdir: str, *, log=print, progress: bool = True) -> str:
-  """Runs (or resumes) every stage, then writes the reports; returns the RL run dir."""
+  """Runs (or resumes) every stage, then writes the reports; returns the last stage's dir."""
   stages = stage_configs(config, workdir)
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   for name, cfg in stages.items():
     log(f"== stage {name} ({cfg.algorithm})")
     loop.run(cfg, os.path.join(workdir, name), log=log, progress=progress)
+  if config.pipeline == "online":
+    on_dir = os.path.join(workdir, STAGE_ONLINE)
+    if config.get("analyze", True):
+      from gpo_jax import analysis
+      from gpo_jax.analysis import online as online_report
+      analysis.analyze(on_dir)
+      path = online_report.write(workdir, log=log)
+      log(f"reports: {path}")
+    return on_dir
   rl_dir = os.path.join(workdir, STAGE_PREFIX_RL)
   if config.get("analyze", True):
     from gpo_jax import analysis

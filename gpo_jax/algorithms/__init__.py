@@ -13,6 +13,7 @@ REGISTRY: dict[str, str] = {
     "gpo": "gpo_jax.algorithms.gpo",                    # offline GPO (DPO, IPO, SLiC, ... any f)
     "reward_model": "gpo_jax.algorithms.reward_model",  # Bradley–Terry RM (hard or MMPO labels)
     "rloo": "gpo_jax.algorithms.rloo",                  # RL against a proxy (RLOO, KL-regularised)
+    "online": "gpo_jax.algorithms.online",              # online IPO/DPO/SLiC, IPO-MD, Nash-MD
 }
 
 

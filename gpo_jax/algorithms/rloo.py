@@ -202,11 +202,7 @@ class RLOO(Algorithm):
 
   def evaluator(self, lab, graphdef, rest, members, config, sharding):
     from gpo_jax.evaluation import policy
-    e = config.eval
-    ecfg = policy.EvalConfig(
-        n_prompts=e.n_prompts, samples_per_prompt=e.samples_per_prompt,
-        ref_samples_per_prompt=e.ref_samples_per_prompt, n_test_pairs=e.n_test_pairs,
-        member_chunk=e.member_chunk, bon_n=tuple(e.bon_n), seed=e.seed)
+    ecfg = policy.EvalConfig.from_config(config.eval)
     bank = self._bank(config, lab)
     sub, sub_sel = self._train_proxies(config, lab)
     proxy = policy.ProxyEval(score_fn=bank.score_fn(), params=bank.params(),

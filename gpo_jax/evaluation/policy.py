@@ -95,6 +95,9 @@ class EvalConfig:
     member_chunk: members evaluated together (vmapped) at a time; bounds memory.
     bon_n: best-of-n sizes reported in ``bon.json`` (clipped to ``N``).
     seed: seed of the ``π_ref`` pool.
+    gold_samples: also return every sample's reference-subtracted gold as
+      ``sample/gold_all`` ``[M, E, n]`` (saved with the per-prompt arrays): the input of
+      head-to-head win rates between members (``gpo_jax.analysis.online``).
   """
   n_prompts: int = 0
   samples_per_prompt: int = 4
@@ -103,6 +106,18 @@ class EvalConfig:
   member_chunk: int = 8
   bon_n: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
   seed: int = 0
+  gold_samples: bool = False
+
+  @classmethod
+  def from_config(cls, e, **overrides) -> "EvalConfig":
+    """From a run config's ``eval`` section (its ``every`` is the loop's business)."""
+    fields = dict(n_prompts=e.n_prompts, samples_per_prompt=e.samples_per_prompt,
+                  ref_samples_per_prompt=e.ref_samples_per_prompt,
+                  n_test_pairs=e.n_test_pairs, member_chunk=e.member_chunk,
+                  bon_n=tuple(e.bon_n), seed=e.seed,
+                  gold_samples=bool(e.get("gold_samples", False)))
+    fields.update(overrides)
+    return cls(**fields)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -401,6 +416,8 @@ class Evaluator:
       extra = {"proxy/gold_corr": _within_prompt_corr(selected, gold_B, e)}
     else:
       extra = {}
+    if self.ecfg.gold_samples:
+      extra["gold_all"] = (gold_B - jnp.repeat(aux["ref_gold_E"], n)).reshape(e, n)
     k = min(N_SHOWN, e)
     return {
         "per_prompt": {name: _per_prompt(v, e) for name, v in per_sample.items()},
@@ -452,6 +469,8 @@ class Evaluator:
     shown = out.pop("shown")
     res = dict(out)
     res.update({SHOWN + name: v for name, v in shown.items()})
+    if "gold_all" in res:
+      res[SHOWN + "gold_all"] = res.pop("gold_all")
     # Offline diagnostics on held-out pairs (TRL names), the same definitions as training.
     lr_Mx2B = self._offline_log_ratios(params_M, aux["ref_params"], aux["test"])
     b = lr_Mx2B.shape[1] // 2
