@@ -20,7 +20,8 @@ LINESTYLES = ("-", "--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1)), (0, (1, 3)),
 GOLD, GOLD_SE = "gold/reward", "gold/reward_se"
 FORMATS = ("png", "svg")
 # Text stays text in SVG (smaller, faster, searchable).
-RC = {"svg.fonttype": "none", "figure.dpi": 100, "font.size": 8, "legend.fontsize": 6}
+RC = {"svg.fonttype": "none", "svg.hashsalt": "gpo_jax", "figure.dpi": 100, "font.size": 8,
+      "legend.fontsize": 6}
 
 
 def figure(*args, **kwargs):
