@@ -39,7 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     raise ValueError(f"unknown online variant {variant!r}; choose one of {list(VARIANTS)}")
   tiny = variant == "tiny"
   lab = "tiny" if tiny else "small"
-  evaluation = dict(every=10 if tiny else 25, n_prompts=16 if tiny else 128,
+  evaluation = dict(every=10, n_prompts=16 if tiny else 128,
                     samples_per_prompt=4, ref_samples_per_prompt=16 if tiny else 64,
                     member_chunk=4, bon_n=(1, 4, 16) if tiny else (1, 4, 16, 64),
                     gold_samples=True)

@@ -277,3 +277,30 @@ def test_bad_online_configs_fail_naming_the_value(pipe, tmp_path):
     c.lock()
     with pytest.raises(ValueError, match=pattern):
       loop.run(c, str(tmp_path / field.replace(".", "_")), log=lambda *_: None, progress=False)
+
+
+def shorter_wins(ctx, ya, ma, yb, mb):
+  """A plain pairwise preference (importable as ``test_online:shorter_wins``)."""
+  return jax.nn.sigmoid(jnp.sum(mb, -1) - jnp.sum(ma, -1))
+
+
+def test_proxy_and_callable_preferences_give_the_documented_labels():
+  from gpo_jax.proxies import selectors as selectors_lib
+  sel = selectors_lib.build(("a", "b", "c"), singles=("*",), ensembles_spec={"e": ("a", "b")},
+                            objectives=("mean", "wco"))
+  table = {k: jnp.asarray(v) for k, v in sel.table().items()}
+  s = jnp.asarray([[0.0, 1.0, 2.0, 0.5], [1.0, 3.0, -1.0, 0.0], [9.0, 9.0, 9.0, 9.0]])
+  score_fn = lambda params, ctx, resp, mask: s  # noqa: E731  (rows a, b, c over [y; y′])
+  ctx = jnp.zeros((2, 3), jnp.int32)
+  y = jnp.zeros((2, 4), jnp.int32)
+  m = jnp.ones((2, 4))
+  for name, want in (("b", jax.nn.sigmoid(jnp.asarray([1.0 - (-1.0), 3.0 - 0.0]))),
+                     ("e/wco", jax.nn.sigmoid(jnp.asarray([0.0 - (-1.0), 1.0 - 0.0])))):
+    pref = online.proxy_preference(score_fn, table, sel.index(name))
+    p, _, _ = pref({"proxies": None}, ctx, y, m, y, m)
+    np.testing.assert_allclose(p, want, rtol=1e-6)
+  pref = online.callable_preference("test_online:shorter_wins")
+  p, _, _ = pref({}, ctx, y, m, y, m.at[0, 3].set(0.0))
+  np.testing.assert_allclose(p, [jax.nn.sigmoid(-1.0), 0.5], rtol=1e-6)
+  with pytest.raises(ValueError, match="no_such"):
+    online.callable_preference("test_online:no_such")

@@ -14,7 +14,8 @@ shardings, checkpoints and exact resume, metrics files. An algorithm owns what d
                        entry under :data:`SHARED` (frozen models, tables) reaches the loss
                        as ``batch[SHARED]``, whole and unindexed
 ``loss_fn``            the pure per-member loss ``(params, batch, hp, key) -> (loss, metrics)``
-``train_metrics``      the names of the metrics ``loss_fn`` returns (besides ``loss``)
+``train_metrics``      the names of the metrics ``loss_fn`` returns (besides ``loss``);
+                       ``row_metrics``, a subset also written into the metrics rows
 ``evaluator``          an object with ``artifacts() -> {file name: JSON}`` (one-time work,
                        written once, e.g. ``bon.json``) and
                        ``__call__(params_M, hp, step) -> {name: [M]}``
@@ -91,6 +92,9 @@ class Algorithm(abc.ABC):
     """The per-member loss ``(params, batch, hp, key) -> (loss, metrics)``."""
 
   train_metrics: tuple[str, ...] = ()
+  #: train metrics also copied into the metrics rows (the last train step's value, next to
+  #: ``loss``), for names users look for in metrics.jsonl (e.g. online's ``objective/kl``)
+  row_metrics: tuple[str, ...] = ()
 
   @abc.abstractmethod
   def evaluator(self, lab, graphdef, rest, members: Members, config,

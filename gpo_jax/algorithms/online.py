@@ -293,6 +293,9 @@ class OnlinePO(Algorithm):
   name = "online"
   headline_metric = "gold/reward"
   train_metrics = TRAIN_METRICS
+  #: in the metrics rows too (the rows' rewards/* are the evaluator's held-out-pair ones)
+  row_metrics = ("objective/kl", "objective/entropy", "objective/scores", "objective/label",
+                 "mixture_coef")
 
   def __init__(self):
     self._banks: dict = {}
@@ -327,7 +330,8 @@ class OnlinePO(Algorithm):
     key = rloo.proxy_paths(config)
     if key not in self._banks:
       self._banks[key] = bank_lib.load(list(key), lab)
-    return self._banks[key].subset(used), sel.restrict(used, np.asarray([idx]))
+    # restrict() keeps the selector rows numbered as before: the preference applies row idx.
+    return self._banks[key].subset(used), sel.restrict(used, np.asarray([idx])), idx
 
   def train_data(self, lab, config):
     shared = {"ref": nnx.state(lab.policy(), nnx.Param)}
@@ -335,7 +339,7 @@ class OnlinePO(Algorithm):
     if kind == "gold":
       shared["gold"] = lab.gold_fn()[1]
     elif kind == "proxy":
-      bank, _ = self._proxy(config, lab)
+      bank, _, _ = self._proxy(config, lab)
       shared["proxies"] = bank.params()
     # The preference function closes over the lab's gold (or the proxies' score function):
     # built here, where the lab is at hand; loss_fn (called after train_data) reads it.
@@ -347,9 +351,9 @@ class OnlinePO(Algorithm):
     if kind == "gold":
       return gold_preference(lab.gold_fn()[0], float(config.lab.label_temp))
     if kind == "proxy":
-      bank, sel = self._proxy(config, lab)
+      bank, sel, idx = self._proxy(config, lab)
       table = {k: jnp.asarray(v) for k, v in sel.table().items()}
-      return proxy_preference(bank.score_fn(), table, 0)
+      return proxy_preference(bank.score_fn(), table, idx)
     return callable_preference(kind)
 
   def loss_fn(self, graphdef, rest, members, config):

@@ -252,6 +252,7 @@ def _run_locked(config, workdir, primary, t_start, *, stop_at, log, progress) ->
         if step % every == 0 or step == steps:
           per_prompt: dict = {}
           rows = eval_rows(evaluator, members, state, s.hparams, step, last_train,
+                           train_keys=("loss", "grad_norm") + tuple(algo.row_metrics),
                            label_temp=lab.cfg.label_temp, per_prompt=per_prompt)
           writer.write(rows)
           if per_prompt:
@@ -325,7 +326,8 @@ SAVED_PREFIXES = ("prompt/", "sample/")
 
 
 def eval_rows(evaluator, members, state, hp, step, last_train, *, label_temp,
-              per_prompt: dict | None = None) -> list[dict]:
+              per_prompt: dict | None = None,
+              train_keys: tuple[str, ...] = ("loss", "grad_norm")) -> list[dict]:
   """Metrics rows of every member at ``step``: member columns, evaluation, last train loss.
 
   Per-prompt and per-sample results (names starting with one of :data:`SAVED_PREFIXES`)
@@ -344,7 +346,7 @@ def eval_rows(evaluator, members, state, hp, step, last_train, *, label_temp,
     row.update(members.row(m))
     row["label_temp"] = float(label_temp)
     row.update({k: v[m].item() for k, v in res.items()})
-    for k in ("loss", "grad_norm"):
+    for k in train_keys:
       row[k] = train[k][m].item() if k in train else None
     row["diverged"] = bool(diverged[m])
     rows.append(row)
