@@ -304,3 +304,17 @@ def test_proxy_and_callable_preferences_give_the_documented_labels():
   np.testing.assert_allclose(p, [jax.nn.sigmoid(-1.0), 0.5], rtol=1e-6)
   with pytest.raises(ValueError, match="no_such"):
     online.callable_preference("test_online:no_such")
+
+
+def test_hard_labels_are_the_argmax_and_change_the_online_loss(tiny_lab):
+  np.testing.assert_array_equal(online.hard_label(jnp.asarray([0.2, 0.5, 0.51, 1.0])),
+                                [0.0, 0.5, 1.0, 1.0])
+  members = _members()
+  hp = {k: v[2] for k, v in members.hparams().items()}      # online DPO
+  losses_ = []
+  for hard in (False, True):
+    loss_fn, params, batch = _loss_setup(tiny_lab, members, hard_labels=hard)
+    params = jax.tree.map(lambda x: x * 1.05, params)
+    losses_.append(float(jax.jit(lambda p: loss_fn(p, batch, hp, jax.random.key(3))[0])(params)))
+  # Same samples, labels pushed to 0/1: the logistic loss of hard labels differs.
+  assert np.isfinite(losses_).all() and abs(losses_[0] - losses_[1]) > 1e-4, losses_

@@ -362,3 +362,29 @@ def test_rl_scores_only_the_proxies_its_selectors_read(pipe, pipe_lab):
   chosen = np.unique(members.columns["selector_idx"])
   with pytest.raises(ValueError, match="would drop proxies"):
     sel.restrict(sel.used(chosen)[1:], chosen)
+
+
+@pytest.mark.slow
+def test_online_methods_train_against_a_proxy_ensemble(pipe, tmp_path):
+  """Online DPO and Nash-MD with a proxy selector as the preference model (end to end)."""
+  config, workdir, _ = pipe
+  rl = pipeline.stage_configs(config, workdir)["rl"]
+  on = lab_fixture.load_config("online.py", "tiny").online
+  on.unlock()
+  on.lab = rl.lab
+  on.lab_root = rl.lab_root
+  on.analyze = False
+  on.proxies = rl.proxies
+  on.online.preference = "proxy"
+  on.online.proxy = str(rl.sweep.selectors[-1])          # an ensemble objective
+  on.sweep.methods = {"online": ("logistic",), "nash_md": ()}
+  on.sweep.betas = (0.5,)
+  on.train.steps = 4
+  on.eval.every = 4
+  on.eval.n_prompts = 4
+  on.lock()
+  d = str(tmp_path / "online_proxy")
+  loop.run(on, d, log=lambda *_: None, progress=False)
+  rows = [r for r in _rows(d) if r["step"] == 4]
+  assert len(rows) == 2 and all(np.isfinite(r["loss"]) and r["kl"] > 0 for r in rows), rows
+  assert all(abs(r["objective/scores"]) < 50 for r in rows)

@@ -211,6 +211,11 @@ def callable_preference(path: str):
   return pref
 
 
+def hard_label(p):
+  """HF TRL's online-DPO labels: the argmax of the preference (1, 0, or ½ on an exact tie)."""
+  return jnp.where(p > 0.5, 1.0, jnp.where(p < 0.5, 0.0, 0.5))
+
+
 def member_loss_fn(graphdef, rest, families, preference, *, response_len: int,
                    hard_labels: bool = False, nash_md_per_token: bool = False):
   """The per-member online loss ``(params, batch, hp, key) -> (loss, metrics)``.
@@ -247,7 +252,7 @@ def member_loss_fn(graphdef, rest, families, preference, *, response_len: int,
     p, sa, sb = preference(sh, ctx, resp[:b], mask[:b], resp[b:], mask[b:])
     p = jax.lax.stop_gradient(p)
     if hard_labels:
-      p = jnp.where(p > 0.5, 1.0, jnp.where(p < 0.5, 0.0, 0.5))
+      p = hard_label(p)
     gpo_B = losses.gpo_loss(ha - hb, beta, functools.partial(fswitch, hp["family_idx"]), p=p)
     tau = beta / 2.0
     hsg = jax.lax.stop_gradient(ha)
@@ -379,6 +384,10 @@ class OnlinePO(Algorithm):
                        "or an importable 'module:function' pairwise callable.")
     if o.preference != "gold" and ":" in str(o.preference):
       callable_preference(o.preference)
+    if o.preference == "proxy" and (not config.get("proxies") or not config.proxies.get("paths")):
+      raise ValueError("online.preference='proxy' needs a proxies section with proxies.paths "
+                       "(proxy sets exported by reward_model runs) and online.proxy naming "
+                       "one selector (a proxy or '<ensemble>/<objective>').")
     return self.members(config, n_train)
 
   def report(self, workdir: str, log) -> None:

@@ -1,7 +1,9 @@
 """CLI: ``python -m gpo_jax.analysis RUN_DIR [RUN_DIR ...] [--out DIR]`` (report or comparison).
 
 A single RUN_DIR that holds ``bon_pool.npz`` (a run against proxy reward models) also gets
-the proxy report, ``proxy.md``, next to ``report.md``.
+the proxy report, ``proxy.md``, next to ``report.md``; an online run (``configs/online.py``'s
+``online/`` stage, or the pipeline directory holding it) gets ``online.md``, the comparison
+with the offline stage beside it.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import argparse
 import pathlib
 import sys
 
+from gpo_jax.analysis import online as online_report
 from gpo_jax.analysis.comparison import compare
 from gpo_jax.analysis.findings import Thresholds
 from gpo_jax.analysis.proxy import analyze_proxy
@@ -32,7 +35,13 @@ def main(argv=None) -> int:
     th = Thresholds(alpha=a.alpha, power=a.power)
   except ValueError as e:
     p.error(str(e))
-  if len(a.run_dirs) == 1:
+  if len(a.run_dirs) == 1 and online_report.is_online(a.run_dirs[0]):
+    on_dir, _ = online_report.locate(a.run_dirs[0])
+    rep = analyze(on_dir, a.out, step=a.step, thresholds=th, figures=not a.no_figures)
+    print(rep.path)
+    print(online_report.write(a.run_dirs[0], log=lambda msg: print(f"- {msg}"), out_dir=a.out,
+                              figures=not a.no_figures, thresholds=th))
+  elif len(a.run_dirs) == 1:
     rep = analyze(a.run_dirs[0], a.out, step=a.step, thresholds=th, figures=not a.no_figures)
     print(rep.path)
     for f in rep.findings:

@@ -75,6 +75,21 @@ def is_paper_family(family: str) -> bool:
 
 
 # ------------------------------------------------------------------------------- loading
+def is_online(path) -> bool:
+  """Whether ``path`` is an online run (its config's algorithm) or a pipeline dir holding one."""
+  import json
+  p = pathlib.Path(path)
+  for d in (p, p / ONLINE):
+    cfg = d / CONFIG_FILE
+    if cfg.exists():
+      try:
+        if json.loads(cfg.read_text()).get("algorithm") == ONLINE:
+          return True
+      except (ValueError, OSError):
+        return False
+  return False
+
+
 def locate(path) -> tuple[pathlib.Path, pathlib.Path | None]:
   """``(online_dir, offline_dir or None)`` of a pipeline directory or an online run directory."""
   p = pathlib.Path(path)
