@@ -239,6 +239,10 @@ def test_pipeline_trains_every_method_and_keeps_every_samples_gold(pipe):
       "online_ipo", "online_dpo", "online_slic", "ipo_md", "nash_md"}
   for m, r in last.items():
     assert abs(first[m]["kl"]) < 1e-6 and r["kl"] > 0 and np.isfinite(r["gold/reward"]), r
+    # Member columns survive in every row; the train metrics join from the first update on.
+    assert first[m]["mixture_coef"] == r["mixture_coef"] == (
+        0.0 if r["method"] == "online" else 0.125), (first[m], r)
+    assert first[m]["objective/kl"] is None and r["objective/kl"] >= 0.0
     assert r["loss"] is not None and np.isfinite(r["loss"])
   for stage in ("offline", "online"):
     pp = np.load(os.path.join(workdir, stage, "per_prompt", "00000008.npz"))

@@ -299,8 +299,7 @@ class OnlinePO(Algorithm):
   headline_metric = "gold/reward"
   train_metrics = TRAIN_METRICS
   #: in the metrics rows too (the rows' rewards/* are the evaluator's held-out-pair ones)
-  row_metrics = ("objective/kl", "objective/entropy", "objective/scores", "objective/label",
-                 "mixture_coef")
+  row_metrics = ("objective/kl", "objective/entropy", "objective/scores", "objective/label")
 
   def __init__(self):
     self._banks: dict = {}

@@ -347,6 +347,8 @@ def eval_rows(evaluator, members, state, hp, step, last_train, *, label_temp,
     row["label_temp"] = float(label_temp)
     row.update({k: v[m].item() for k, v in res.items()})
     for k in train_keys:
+      if k in members.columns:      # a member column is never overwritten by a train metric
+        continue
       row[k] = train[k][m].item() if k in train else None
     row["diverged"] = bool(diverged[m])
     rows.append(row)
