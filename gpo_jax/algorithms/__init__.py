@@ -14,6 +14,7 @@ REGISTRY: dict[str, str] = {
     "reward_model": "gpo_jax.algorithms.reward_model",  # Bradley–Terry RM (hard or MMPO labels)
     "rloo": "gpo_jax.algorithms.rloo",                  # RL against a proxy (RLOO, KL-regularised)
     "online": "gpo_jax.algorithms.online",              # online IPO/DPO/SLiC, IPO-MD, Nash-MD
+    "inverse_q": "gpo_jax.algorithms.inverse_q",        # Inverse-Q*-style token RL (a reconstruction)
 }
 
 

@@ -155,3 +155,32 @@ def kl_regularised_objective_exact(pi_K: Array, pi_ref_K: Array, r_K: Array, kl_
   expected_reward = jnp.sum(pi_K * r_K, axis=-1)
   kl = jnp.sum(xlogy(pi_K, pi_K) - xlogy(pi_K, pi_ref_K), axis=-1)
   return expected_reward - kl_coef * kl
+
+
+# ----------------------------------------------------------------------- token level
+
+
+def returns_to_go(r_BxT: Array, mask_BxT: Array) -> Array:
+  """``G_t = Σ_{t' ≥ t} r_t'`` over the masked (response) positions; 0 where masked out."""
+  r = r_BxT * mask_BxT
+  return jnp.flip(jnp.cumsum(jnp.flip(r, -1), -1), -1) * mask_BxT
+
+
+def token_rloo_loss(logp_PxKxT: Array, r_PxKxT: Array, mask_PxKxT: Array) -> Array:
+  """Token-level REINFORCE surrogate with returns-to-go and a leave-one-out baseline.
+
+  Sample ``k`` of prompt ``p`` contributes ``−Σ_t log π(a_t|s_t)·sg(G_t − b_t)``, where
+  ``G_t`` is its return from ``t`` on (:func:`returns_to_go`: a token's action cannot change
+  the rewards before it, so only later rewards multiply its score) and ``b_t`` the mean of
+  the other ``K − 1`` samples' ``G_t`` at the same position (independent of the sample, so
+  the estimator stays unbiased; positions past a sample's end count as 0). The mean over
+  prompts and samples is returned; its gradient estimates ``−∇ E_π[Σ_t r_t]`` for
+  rewards ``r`` held constant (stop-gradient).
+  """
+  k = logp_PxKxT.shape[1]
+  if k < 2:
+    raise ValueError(f"token_rloo_loss needs K >= 2 samples per prompt, got K={k}.")
+  g = jax.lax.stop_gradient(returns_to_go(r_PxKxT, mask_PxKxT))
+  baseline = (jnp.sum(g, axis=1, keepdims=True) - g) / (k - 1)
+  adv = jax.lax.stop_gradient((g - baseline) * mask_PxKxT)
+  return -jnp.mean(jnp.sum(logp_PxKxT * mask_PxKxT * adv, axis=-1))
