@@ -41,8 +41,9 @@ def _stage(config: ml_collections.ConfigDict, lab, lab_root: str, **extra):
   return c
 
 
-PIPELINES = ("proxy_setting", "online")
+PIPELINES = ("proxy_setting", "online", "incontext")
 STAGE_OFFLINE, STAGE_ONLINE = "offline", "online"
+STAGE_INVERSE_Q, STAGE_ICDPO = "inverse_q", "icdpo"
 
 
 def _lab_root(config, workdir: str) -> str:
@@ -55,6 +56,14 @@ def stage_configs(config, workdir: str) -> dict[str, ml_collections.ConfigDict]:
   if kind not in PIPELINES:
     raise ValueError(f"unknown pipeline {kind!r}; valid choices: {list(PIPELINES)}.")
   lab_root = _lab_root(config, workdir)
+  if kind == "incontext":
+    out = {}
+    for name, want in ((STAGE_OFFLINE, "gpo"), (STAGE_INVERSE_Q, "inverse_q")):
+      if config[name].get("algorithm") != want:
+        raise ValueError(f"{name} has algorithm {config[name].get('algorithm')!r}; the "
+                         f"incontext pipeline's {name} stage is a {want!r} run.")
+      out[name] = _stage(config[name], config.lab, lab_root)
+    return out
   if kind == "online":
     out = {}
     for name, want in ((STAGE_OFFLINE, "gpo"), (STAGE_ONLINE, "online")):
@@ -102,6 +111,15 @@ def run(config, workdir: str, *, log=print, progress: bool = True) -> str:
   for name, cfg in stages.items():
     log(f"== stage {name} ({cfg.algorithm})")
     loop.run(cfg, os.path.join(workdir, name), log=log, progress=progress)
+  if config.pipeline == "incontext":
+    icdpo_dir = run_icdpo(config, workdir, log=log)
+    if config.get("analyze", True):
+      from gpo_jax import analysis
+      from gpo_jax.analysis import incontext as incontext_report
+      analysis.analyze(os.path.join(workdir, STAGE_INVERSE_Q))
+      path = incontext_report.write(workdir, log=log)
+      log(f"reports: {path}")
+    return icdpo_dir
   if config.pipeline == "online":
     on_dir = os.path.join(workdir, STAGE_ONLINE)
     if config.get("analyze", True):
@@ -119,3 +137,28 @@ def run(config, workdir: str, *, log=print, progress: bool = True) -> str:
     proxy_report.analyze_proxy(rl_dir)
     log(f"reports: {os.path.join(rl_dir, 'report')}")
   return rl_dir
+
+
+def run_icdpo(config, workdir: str, *, log=print) -> str:
+  """The ICDPO stage of the incontext pipeline: an evaluation (no training) written to
+  ``<workdir>/icdpo`` (:func:`gpo_jax.incontext.icdpo.save`); skipped when it is there."""
+  from gpo_jax import lab as lab_lib
+  from gpo_jax.incontext import icdpo
+  out = os.path.join(os.path.abspath(workdir), STAGE_ICDPO)
+  if os.path.exists(os.path.join(out, icdpo.INFO_FILE)):
+    log(f"== stage {STAGE_ICDPO}: done already ({out})")
+    return out
+  log(f"== stage {STAGE_ICDPO} (evaluation)")
+  lab_root = _lab_root(config, workdir)
+  lab = lab_lib.build_or_load(lab_lib.LabConfig.from_dict(config.lab.to_dict()), lab_root,
+                              log=log)
+  c = config.icdpo
+  cfg = icdpo.ICDPOConfig(
+      ns=tuple(c.ns), ks=tuple(c.ks), retrievers=tuple(c.retrievers),
+      contrasts=tuple(c.contrasts), gold_quantile=float(c.gold_quantile),
+      n_prompts=int(c.n_prompts), pool_per_prompt=int(c.pool_per_prompt),
+      ref_samples_per_prompt=int(c.ref_samples_per_prompt), n_test_pairs=int(c.n_test_pairs),
+      seed=int(c.seed))
+  retrieval_dir = os.path.join(lab_root, "retrieval", os.path.basename(lab.path))
+  result = icdpo.evaluate(lab, cfg, retrieval_dir=retrieval_dir, log=log)
+  return icdpo.save(result, out)

@@ -78,6 +78,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import os
 import time
 from typing import Any
 
@@ -564,3 +566,56 @@ def format_rows(result: ICDPOResult, methods=METHODS) -> str:
     lines.append(f"reward {r['reward']:<15} k={r['k']} {r['retriever']:<10}{r['contrast']:<6}"
                  f" acc {r['accuracy']:.3f}±{r['accuracy_se']:.3f} (n={r['n_pairs']})")
   return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- on disk
+#: files of a stored evaluation (``save`` / ``load``), all in one directory
+ROWS_FILE, REWARD_FILE, PER_PROMPT_FILE, INFO_FILE = (
+    "icdpo.jsonl", "icdpo_reward.jsonl", "icdpo_per_prompt.npz", "icdpo_info.json")
+
+
+def _jsonable(x):
+  if isinstance(x, (np.integer,)):
+    return int(x)
+  if isinstance(x, (np.floating,)):
+    return float(x)
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  raise TypeError(f"not JSON-serialisable: {type(x).__name__}")
+
+
+def save(result: ICDPOResult, out_dir: str) -> str:
+  """Writes ``result`` to ``out_dir`` (rows and reward rows as JSON lines, per-prompt
+  arrays as ``.npz`` with ``/`` spelled ``__``, info as JSON), each file written aside and
+  renamed; returns ``out_dir``."""
+  os.makedirs(out_dir, exist_ok=True)
+
+  def put(name, write):
+    path = os.path.join(out_dir, name)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb" if name.endswith(".npz") else "w") as f:
+      write(f)
+    os.replace(tmp, path)
+
+  lines = lambda rows: "".join(json.dumps(r, default=_jsonable) + "\n" for r in rows)  # noqa: E731
+  put(ROWS_FILE, lambda f: f.write(lines(result.rows)))
+  put(REWARD_FILE, lambda f: f.write(lines(result.reward_rows)))
+  put(PER_PROMPT_FILE, lambda f: np.savez(
+      f, **{k.replace("/", "__"): np.asarray(v) for k, v in result.per_prompt.items()}))
+  put(INFO_FILE, lambda f: json.dump(result.info, f, indent=1, default=_jsonable))
+  return out_dir
+
+
+def load(out_dir: str) -> ICDPOResult:
+  """Reads what :func:`save` wrote; a missing file raises ``FileNotFoundError`` naming it."""
+  paths = {n: os.path.join(out_dir, n) for n in (ROWS_FILE, REWARD_FILE, PER_PROMPT_FILE, INFO_FILE)}
+  missing = [p for p in paths.values() if not os.path.exists(p)]
+  if missing:
+    raise FileNotFoundError(f"no stored ICDPO evaluation in {out_dir}: missing {missing}")
+  read = lambda p: [json.loads(line) for line in open(p) if line.strip()]  # noqa: E731
+  with np.load(paths[PER_PROMPT_FILE]) as z:
+    per_prompt = {k.replace("__", "/"): z[k] for k in z.files}
+  with open(paths[INFO_FILE]) as f:
+    info = json.load(f)
+  return ICDPOResult(rows=read(paths[ROWS_FILE]), per_prompt=per_prompt,
+                     reward_rows=read(paths[REWARD_FILE]), info=info)
