@@ -1,9 +1,7 @@
 """Online preference optimisation against offline GPO on the CPU lab, one command (SPEC §6, §7.5).
 
-Run (``cpu``: 10 min 55 s on 2 CPU cores with the ``small`` lab already built — offline
-stage 2.4 min, online stage 8.3 min, a test process sharing the cores for part of it; an
-earlier run evaluating every 25 steps took 7 min 48 s on a quiet machine; results in
-``experiments/results/online``)::
+Run (``cpu``: 9 min 38 s on 2 CPU cores with the ``small`` lab already built — offline
+stage 2.6 min, online stage 6.9 min; results in ``experiments/results/online``)::
 
   python -m gpo_jax.main --config configs/online.py --workdir runs/online
 
@@ -32,7 +30,7 @@ from gpo_jax.run import presets
 
 VARIANTS = ("cpu", "tiny")
 #: measured wall time of the ``cpu`` variant on 2 CPU cores, the ``small`` lab prebuilt
-RUNTIME_CPU = "10 min 55 s"
+RUNTIME_CPU = "9 min 38 s"
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

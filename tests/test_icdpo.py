@@ -237,3 +237,19 @@ def test_icdpo_raises_gold_over_best_of_n_by_likelihood(tiny_lab):
   assert res.per_prompt["icdpo/k2/bm25/base/gold"].shape == (64, 3)
   (acc,) = [r for r in res.reward_rows if r["reward"] == "icdpo" and r["contrast"] == "base"]
   assert 0 <= acc["accuracy"] <= 1 and acc["n_pairs"] > 50
+
+
+def test_a_stored_evaluation_reloads_exactly(tmp_path):
+  res = icdpo.ICDPOResult(
+      rows=[{"method": "icdpo", "n": 4, "k": 2, "retriever": "bm25", "contrast": "base",
+             "gold": 0.25, "gold_se": 0.1}],
+      per_prompt={"icdpo/k2/bm25/base/gold": np.arange(6.0).reshape(3, 2)},
+      reward_rows=[{"reward": "icdpo", "accuracy": 0.5, "n_pairs": 10}],
+      info={"ns": [1, 4], "n_prompts": 3})
+  d = icdpo.save(res, str(tmp_path / "icdpo"))
+  back = icdpo.load(d)
+  assert back.rows == res.rows and back.reward_rows == res.reward_rows and back.info == res.info
+  np.testing.assert_array_equal(back.per_prompt["icdpo/k2/bm25/base/gold"],
+                                res.per_prompt["icdpo/k2/bm25/base/gold"])
+  with pytest.raises(FileNotFoundError, match="missing"):
+    icdpo.load(str(tmp_path / "nowhere"))

@@ -3,7 +3,8 @@
 A single RUN_DIR that holds ``bon_pool.npz`` (a run against proxy reward models) also gets
 the proxy report, ``proxy.md``, next to ``report.md``; an online run (``configs/online.py``'s
 ``online/`` stage, or the pipeline directory holding it) gets ``online.md``, the comparison
-with the offline stage beside it.
+with the offline stage beside it; an incontext pipeline directory (``configs/incontext.py``)
+gets ``incontext.md``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 import pathlib
 import sys
 
+from gpo_jax.analysis import incontext as incontext_report
 from gpo_jax.analysis import online as online_report
 from gpo_jax.analysis.comparison import compare
 from gpo_jax.analysis.findings import Thresholds
@@ -35,7 +37,17 @@ def main(argv=None) -> int:
     th = Thresholds(alpha=a.alpha, power=a.power)
   except ValueError as e:
     p.error(str(e))
-  if len(a.run_dirs) == 1 and online_report.is_online(a.run_dirs[0]):
+  root = pathlib.Path(a.run_dirs[0])
+  if len(a.run_dirs) == 1 and (root / incontext_report.ICDPO).is_dir():
+    # an incontext pipeline directory: the standard report of its Inverse-Q* run, then
+    # incontext.md over all stages
+    if (root / incontext_report.INVERSE_Q / "metrics.jsonl").exists():
+      rep = analyze(root / incontext_report.INVERSE_Q, None, step=a.step, thresholds=th,
+                    figures=not a.no_figures)
+      print(rep.path)
+    print(incontext_report.write(root, log=lambda msg: print(f"- {msg}"), out_dir=a.out,
+                                 figures=not a.no_figures, thresholds=th))
+  elif len(a.run_dirs) == 1 and online_report.is_online(a.run_dirs[0]):
     on_dir, _ = online_report.locate(a.run_dirs[0])
     rep = analyze(on_dir, a.out, step=a.step, thresholds=th, figures=not a.no_figures)
     print(rep.path)
