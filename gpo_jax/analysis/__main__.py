@@ -42,7 +42,8 @@ def main(argv=None) -> int:
     # an incontext pipeline directory: the standard report of its Inverse-Q* run, then
     # incontext.md over all stages
     if (root / incontext_report.INVERSE_Q / "metrics.jsonl").exists():
-      rep = analyze(root / incontext_report.INVERSE_Q, None, step=a.step, thresholds=th,
+      iq_out = None if a.out is None else pathlib.Path(a.out) / incontext_report.INVERSE_Q
+      rep = analyze(root / incontext_report.INVERSE_Q, iq_out, step=a.step, thresholds=th,
                     figures=not a.no_figures)
       print(rep.path)
     print(incontext_report.write(root, log=lambda msg: print(f"- {msg}"), out_dir=a.out,
