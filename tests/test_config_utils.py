@@ -81,7 +81,7 @@ def test_unknown_algorithm_lists_the_registry():
   c.unlock()
   c.algorithm = "ppo"
   with pytest.raises(ValueError, match=r"unknown algorithm 'ppo'; valid choices: \['gpo', "
-                                       r"'reward_model', 'rloo'\]"):
+                                       r"'inverse_q', 'online', 'reward_model', 'rloo'\]"):
     config_lib.validate(c, num_devices=4)
 
 
