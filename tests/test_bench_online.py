@@ -26,7 +26,7 @@ def tiny_run(tmp_path_factory):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   proc = subprocess.run(
       [sys.executable, os.path.join(REPO, "experiments", "bench_online.py"), "--lab", "tiny",
-       "--standin", "--ks", "2", "--warmup", "1", "--steps", "2", "--no-trl",
+       "--standin", "--ks", "2", "--warmup", "1", "--steps", "2", "--repeats", "1", "--no-trl",
        "--no-components", "--devices", "2", "--write", str(md), "--json", str(js)],
       env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -45,6 +45,7 @@ def test_jax_side_runs_and_writes_its_table(tiny_run):
   assert res["trl"] == {"ok": False, "reason": "--no-trl given"}
   assert "| gpo_jax, CPU layout (2 device(s), looping) | 2 |" in text
   assert "TRL OnlineDPOTrainer | 1 | skipped: --no-trl given" in text
+  assert len(row["all_ms_per_step"]) == 1
   assert "not judged (TRL skipped" in text and "## FLOPs per member-update" in text
 
 
@@ -74,7 +75,7 @@ def test_report_with_trl_components_and_vmap_rows(tiny_run):
   assert "1 torch thread(s) (baseline) | 1 |" in text and "| 0.50× |" in text
   assert "**4.00×**" in text and "**8.00×**" in text
   assert "one vmap over the members (1 device) | 2 |" in text
-  assert "## Where the time goes" in text and "| 50 % |" in text
+  assert "## Where the time goes" in text and "| 33 % |" in text and "sum of the parts" in text
 
 
 def test_verdict_says_missed_below_target(tiny_run):
