@@ -25,10 +25,13 @@ Throughput is member-updates per second (K / step time) and sampled responses pe
 (2B x K / step time). FLOPs are analytic (``model.flops_per_token``; XLA's cost analysis
 counts the decode loop's body once, so it undercounts a sampling step). A component
 breakdown (sampler, gold, forward/backward) of the K=1 step says where the time goes.
+Timing runs in interleaved rounds (every gpo_jax row once, then TRL once per torch thread
+setting) and each row reports its fastest round, so a shared machine's slow spells hit
+both sides alike.
 
-Run (a few minutes on 2 CPU cores with the ``small`` lab prebuilt)::
+Run (about 3 minutes on 2 idle CPU cores with the ``small`` lab prebuilt)::
 
-  python experiments/bench_online.py --lab-dir /tmp/lh/labs \
+  python experiments/bench_online.py --lab-dir /tmp/lh/labs --vmap \
       --trl-python /work/venv_trl/bin/python \
       --write experiments/BENCH_ONLINE.md --json experiments/bench_online.json
 """
@@ -561,7 +564,8 @@ def render(res: dict) -> str:
       f"max_len = {w['max_len']} KV cache; TRL's `generate` runs the policy alone over the "
       "tokens so far, and its forwards read all C + T tokens. XLA's cost analysis of the "
       f"K=1 step reports {res['by_k'].get('1', {}).get('xla_flops_reported', float('nan')) / 1e9:.3f} "
-      "GFLOP (it counts the decode loop's body once). GFLOP/s columns are the analytic "
+      "GFLOP, not used here: it counts a loop body (the decode scan) once and counts "
+      "elementwise work the matmul count leaves out. GFLOP/s columns are the analytic "
       "count of each implementation over its measured step time. Mean response length "
       f"sampled: gpo_jax {res['by_k'][next(iter(res['by_k']))]['mean_response_len']:.1f} "
       f"tokens (its sampler always runs all {w['response_len']} decode positions), TRL "
