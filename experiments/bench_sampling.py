@@ -288,7 +288,8 @@ class Programs:
 
 def op_breakdown(prog: "Programs", calls: int = 2) -> dict:
   """Share of the sampler's op time by kind of work (``jax.profiler`` trace of ``calls``
-  calls, ops grouped by ``bench_sweep._hlo_kinds`` of the compiled sampler)."""
+  calls, ops grouped by ``bench_sweep._hlo_kinds`` of the compiled sampler; loop and call
+  wrappers are skipped, their bodies' ops are counted). A diagnostic, not in the tests."""
   import collections
   import glob
   import gzip
@@ -306,6 +307,9 @@ def op_breakdown(prog: "Programs", calls: int = 2) -> dict:
   for e in events:
     name = str(e.get("name", "")).split(" ")[0]
     kind = kinds.get(name)
+    # a while/call wraps the ops of its body, which appear in the trace themselves
+    if name.startswith(("while", "call", "conditional")):
+      continue
     if e.get("ph") == "X" and kind:
       by_kind[kind] += float(e.get("dur", 0.0))
       by_op[name] += float(e.get("dur", 0.0))
