@@ -16,8 +16,21 @@ Stages (``gpo_jax/pipeline.py``), each resumable in ``<workdir>/<stage>``:
   candidates from π_ref(·|D⁺, x), the contrastive in-context score picks one; × N, k,
   retriever, contrast; with best-of-N by likelihood, by ICDPO's score on π_ref(·|x) samples
   and by gold (the ceiling) on the same prompts;
+* ``icdpo_pool`` (only with ``icdpo_pool.run``, an RL-against-a-proxy run of
+  ``configs/proxy_setting.py`` holding ``bon_pool.npz``): ICDPO's score as a best-of-n
+  selector on that run's own π_ref pool (128 prompts × 1024 samples, regenerated from the
+  lab and checked sample by sample against the stored gold), beside every proxy selector
+  (:mod:`gpo_jax.incontext.pool_bon`); about 20 min on 2 cores for 3 retrievers × 2 contrasts;
 * report ``<workdir>/report/incontext.md``: every method on one gold-vs-sqrt-KL figure,
-  gold at matched KL with paired SEs, what in-context scoring buys over best-of-N.
+  gold at matched KL with paired SEs, what in-context scoring buys over best-of-N. Runs named
+  in ``compare.online`` / ``compare.rl_proxy`` (an online pipeline's ``online`` stage, the
+  proxy setting's ``rl`` stage, on the same lab) are drawn beside them and matched by KL.
+
+The committed ``experiments/results/incontext`` was made with the other pipelines' runs::
+
+  python -m gpo_jax.main --config configs/incontext.py --workdir runs/incontext \
+      --config.icdpo_pool.run=runs/proxy_setting/rl \
+      --config.compare.online=runs/online/online --config.compare.rl_proxy=runs/proxy_setting/rl
 
 All stages use the same 128 eval prompts, so every comparison is paired by prompt.
 ``arg``: ``cpu`` (default; the ``small`` coherent-gold lab shared with the main job) or
@@ -76,6 +89,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       contrasts=("base", "bad"), gold_quantile=0.25, n_prompts=n_prompts,
       pool_per_prompt=32, ref_samples_per_prompt=32, n_test_pairs=0 if not tiny else 64,
       seed=0))
+  # ICDPO's score on the proxy setting's own best-of-n pool (its RL run's bon_pool.npz; ""
+  # skips the stage): every (retriever, contrast) at k = 2 against every proxy selector.
+  c.icdpo_pool = ml_collections.ConfigDict(dict(
+      run="", ks=(2,) if not tiny else (1,), retrievers=("random", "bm25", "embedding"),
+      contrasts=("base", "bad")))
+  # other methods' runs on the same lab, drawn on the report's figure and matched by KL
+  c.compare = ml_collections.ConfigDict(dict(online="", rl_proxy=""))
   if tiny:
     for stage in (off, iq):
       stage.mesh.cpu_devices = 0

@@ -17,6 +17,7 @@ proxy, on its eval prompts. Finally the RL run's standard report and the proxy-s
 report (:mod:`gpo_jax.analysis.proxy`) are written under ``<workdir>/rl/report``.
 """
 
+import json
 import os
 
 import ml_collections
@@ -44,6 +45,9 @@ def _stage(config: ml_collections.ConfigDict, lab, lab_root: str, **extra):
 PIPELINES = ("proxy_setting", "online", "incontext")
 STAGE_OFFLINE, STAGE_ONLINE = "offline", "online"
 STAGE_INVERSE_Q, STAGE_ICDPO = "inverse_q", "icdpo"
+STAGE_ICDPO_POOL = "icdpo_pool"
+#: the incontext report draws these runs beside the in-context methods (``config.compare``)
+COMPARE_FILE, COMPARE_KEYS = "compare.json", ("online", "rl_proxy")
 
 
 def _lab_root(config, workdir: str) -> str:
@@ -113,6 +117,10 @@ def run(config, workdir: str, *, log=print, progress: bool = True) -> str:
     loop.run(cfg, os.path.join(workdir, name), log=log, progress=progress)
   if config.pipeline == "incontext":
     icdpo_dir = run_icdpo(config, workdir, log=log)
+    pool = config.get("icdpo_pool")
+    if pool is not None and pool.get("run"):
+      run_icdpo_pool(config, workdir, log=log)
+    write_compare(config, workdir)
     if config.get("analyze", True):
       from gpo_jax import analysis
       from gpo_jax.analysis import incontext as incontext_report
@@ -137,6 +145,51 @@ def run(config, workdir: str, *, log=print, progress: bool = True) -> str:
     proxy_report.analyze_proxy(rl_dir)
     log(f"reports: {os.path.join(rl_dir, 'report')}")
   return rl_dir
+
+
+def write_compare(config, workdir: str) -> str | None:
+  """``<workdir>/compare.json`` from ``config.compare`` (paths of other runs on the same lab,
+  stored relative to the workdir); None when no run is named."""
+  c = config.get("compare")
+  spec = {k: c.get(k, "") for k in COMPARE_KEYS} if c is not None else {}
+  bad = sorted(set(c.keys()) - set(COMPARE_KEYS)) if c is not None else []
+  if bad:
+    raise ValueError(f"compare: unknown keys {bad}; valid choices: {list(COMPARE_KEYS)}")
+  spec = {k: v for k, v in spec.items() if v}
+  if not spec:
+    return None
+  root = os.path.abspath(workdir)
+  rel = {}
+  for k, v in spec.items():
+    d = os.path.abspath(v)
+    if not os.path.exists(os.path.join(d, "metrics.jsonl")):
+      raise FileNotFoundError(f"compare.{k}={v!r}: {d} is not a run directory (no metrics.jsonl)")
+    rel[k] = os.path.relpath(d, root)
+  path = os.path.join(root, COMPARE_FILE)
+  with open(path + ".tmp", "w") as f:
+    json.dump(rel, f, indent=1, sort_keys=True)
+  os.replace(path + ".tmp", path)
+  return path
+
+
+def run_icdpo_pool(config, workdir: str, *, log=print) -> str:
+  """ICDPO's score on the proxy setting's π_ref pool (``config.icdpo_pool.run``, an RL run
+  with ``bon_pool.npz``): ``<workdir>/icdpo_pool`` (:mod:`gpo_jax.incontext.pool_bon`)."""
+  from gpo_jax import lab as lab_lib
+  from gpo_jax.incontext import pool_bon
+  out = os.path.join(os.path.abspath(workdir), STAGE_ICDPO_POOL)
+  if os.path.exists(os.path.join(out, pool_bon.OUT_JSON)):
+    log(f"== stage {STAGE_ICDPO_POOL}: done already ({out})")
+    return out
+  log(f"== stage {STAGE_ICDPO_POOL} (evaluation on {config.icdpo_pool.run})")
+  lab_root = _lab_root(config, workdir)
+  lab = lab_lib.build_or_load(lab_lib.LabConfig.from_dict(config.lab.to_dict()), lab_root,
+                              log=log)
+  c, p = config.icdpo, config.icdpo_pool
+  retrieval_dir = os.path.join(lab_root, "retrieval", os.path.basename(lab.path))
+  return pool_bon.run(lab, p.run, out, ks=tuple(p.ks), retrievers=tuple(p.retrievers),
+                      contrasts=tuple(p.contrasts), seed=int(c.seed),
+                      gold_quantile=float(c.gold_quantile), retrieval_dir=retrieval_dir, log=log)
 
 
 def run_icdpo(config, workdir: str, *, log=print) -> str:

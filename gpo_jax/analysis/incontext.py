@@ -67,6 +67,7 @@ import numpy as np
 import pandas as pd
 
 from gpo_jax.analysis import frontier as frontier_lib
+from gpo_jax.analysis import incontext_pool
 from gpo_jax.analysis import inference
 from gpo_jax.analysis import online
 from gpo_jax.analysis.findings import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED, Finding, Thresholds, fmt
@@ -74,6 +75,11 @@ from gpo_jax.analysis.report import md_table
 from gpo_jax.analysis.table import METRICS_FILE, Run, load_run, read_jsonl
 
 OFFLINE, INVERSE_Q, ICDPO = "offline", "inverse_q", "icdpo"
+ICDPO_POOL = incontext_pool.STAGE
+#: other runs on the same lab drawn beside the in-context methods: ``{stage: relative path}``
+COMPARE_FILE = "compare.json"
+ONLINE, RL_PROXY = "online", "rl_proxy"
+COMPARE_STAGES = (ONLINE, RL_PROXY)
 REPORT_DIR, REPORT_FILE, FIGURE_NAME = "report", "incontext.md", "incontext_frontier"
 ICDPO_CSV, MATCHED_CSV = "icdpo.csv", "matched_kl.csv"
 ROWS_FILE, REWARD_FILE, PER_PROMPT_FILE, INFO_FILE = (
@@ -174,7 +180,8 @@ def locate(path) -> dict[str, pathlib.Path]:
   """``{stage: dir}`` of the stages present in an incontext pipeline directory."""
   p = pathlib.Path(path)
   found = {s: p / s for s, f in ((OFFLINE, METRICS_FILE), (INVERSE_Q, METRICS_FILE),
-                                 (ICDPO, ROWS_FILE)) if (p / s / f).exists()}
+                                 (ICDPO, ROWS_FILE), (ICDPO_POOL, incontext_pool.JSON))
+           if (p / s / f).exists()}
   if not found:
     raise FileNotFoundError(f"{p} is not an incontext pipeline directory: none of "
                             f"{OFFLINE}/{METRICS_FILE}, {INVERSE_Q}/{METRICS_FILE}, "
@@ -183,12 +190,65 @@ def locate(path) -> dict[str, pathlib.Path]:
 
 
 def stage_table(run: Run, stage: str) -> pd.DataFrame:
-  """A run's valid rows with a ``stage`` column; offline families relabelled (``offline_dpo`` …)."""
+  """A run's valid rows with a ``stage`` column; offline families relabelled (``offline_dpo`` …),
+  RL-against-a-proxy families (selector names) as ``RL vs <selector>``."""
   t = run.valid.copy()
   t["stage"] = stage
   if stage == OFFLINE:
     t["family"] = t["family"].map(online.offline_name)
+  elif stage == RL_PROXY:
+    t["family"] = [f"RL vs {f}" for f in t["family"]]
   return t
+
+
+def load_compare(root: pathlib.Path) -> dict[str, Run]:
+  """The runs ``<root>/compare.json`` names (``{"online": path, "rl_proxy": path}``, paths
+  relative to ``root``): other methods on the same lab, drawn on the figure and matched by KL."""
+  path = root / COMPARE_FILE
+  if not path.exists():
+    return {}
+  spec = json.loads(path.read_text())
+  bad = sorted(set(spec) - set(COMPARE_STAGES))
+  if bad:
+    raise ValueError(f"{path}: unknown stages {bad}; valid choices: {list(COMPARE_STAGES)}")
+  out = {}
+  for stage, rel in spec.items():
+    d = (root / rel).resolve()
+    if not (d / METRICS_FILE).exists():
+      raise FileNotFoundError(f"{path}: {stage} run {d} has no {METRICS_FILE}")
+    out[stage] = load_run(d)
+  return out
+
+
+def same_lab(a: Run | None, b: Run | None) -> bool:
+  """Whether two runs' configs name the same lab (section ``lab`` equal)."""
+  la = (a.config or {}).get("lab") if a is not None and isinstance(a.config, dict) else None
+  lb = (b.config or {}).get("lab") if b is not None and isinstance(b.config, dict) else None
+  return la is not None and la == lb
+
+
+def ext_points(fronts: dict, families: list[str], stage: str, gold: dict,
+               kl_max: float) -> list[dict]:
+  """One point per family of another run (``source`` = its stage): its highest-gold Pareto
+  point past step 0 with KL ≤ ``kl_max`` (the offline runs' largest KL, where a match can exist)."""
+  out = []
+  for fam in families:
+    fr = fronts.get(fam)
+    if fr is None:
+      continue
+    best = None
+    for _, r in fr.pareto.iterrows():
+      key = (stage, int(r["member"]), int(r["step"]))
+      if int(r["step"]) == 0 or key not in gold or not float(r["kl"]) <= kl_max:
+        continue
+      if best is None or float(r[GOLD]) > float(best[GOLD]):
+        best = r
+    if best is not None:
+      key = (stage, int(best["member"]), int(best["step"]))
+      out.append({"source": stage, "method": fam, "point": "best Pareto point", "n": np.nan,
+                  "member": key[1], "beta": float(best["beta"]), "step": key[2],
+                  "kl_lower": float(best["kl"]), "kl": float(best["kl"]), "gold_E": gold[key]})
+  return out
 
 
 def prompt_gold(run: Run, stage: str) -> dict[tuple, np.ndarray]:
@@ -698,6 +758,9 @@ class InContextReport:
   halves: tuple
   offline_families: list[str]
   iq_families: list[str]
+  others: dict                   # stage -> Run of compare.json
+  other_families: dict           # stage -> its families (with a frontier)
+  pool: incontext_pool.PoolStage | None   # ICDPO on the proxy setting's pool
   frontiers: dict                # per family, plus OFFLINE: the pooled offline frontier
   icdpo_rows: pd.DataFrame       # icdpo.csv
   paired: pd.DataFrame           # (i): per ICDPO config and N
@@ -815,6 +878,8 @@ def compute(path, out_dir=None, *, thresholds: Thresholds | None = None) -> InCo
   off = load_run(dirs[OFFLINE]) if OFFLINE in dirs else None
   iq = load_run(dirs[INVERSE_Q]) if INVERSE_Q in dirs else None
   st = load_icdpo(dirs[ICDPO]) if ICDPO in dirs else None
+  pool_st = incontext_pool.load(dirs[ICDPO_POOL]) if ICDPO_POOL in dirs else None
+  others = load_compare(root)
   runs = [(s, r) for s, r in ((OFFLINE, off), (INVERSE_Q, iq)) if r is not None]
   off_fams = list(dict.fromkeys(online.offline_name(f) for f in off.table["family"])) if off else []
   iq_fams = list(dict.fromkeys(iq.table["family"])) if iq else []
@@ -836,6 +901,19 @@ def compute(path, out_dir=None, *, thresholds: Thresholds | None = None) -> InCo
   e = min(sizes.values()) if sizes else 0
   gold = {k: v[:e] for k, v in gold.items()}
   halves = inference.split_halves(e)
+  # Other methods' runs (compare.json): their rows join the table (own families and
+  # frontiers); their per-prompt gold joins the paired comparisons only on the same lab and
+  # with at least the E prompts every stage shares (the lab's first eval prompts).
+  ext_fams: dict[str, list[str]] = {}
+  ext_paired: dict[str, bool] = {}
+  for s, r in others.items():
+    t = stage_table(r, s)
+    ext_fams[s] = list(dict.fromkeys(t["family"]))
+    table = pd.concat([table, t], ignore_index=True)
+    g = prompt_gold(r, s)
+    ext_paired[s] = bool(g) and same_lab(r, off or iq) and all(v.shape[0] >= e for v in g.values())
+    if ext_paired[s]:
+      gold.update({k: v[:e] for k, v in g.items()})
 
   fronts = frontier_lib.family_frontiers(table) if len(table) else {}
   off_rows = table[table["stage"] == OFFLINE] if len(table) else table
@@ -848,6 +926,9 @@ def compute(path, out_dir=None, *, thresholds: Thresholds | None = None) -> InCo
   best = held_out_best(st, paired_df, halves) if st is not None else None
   points = (icdpo_points(st) if st is not None else []) + iq_points(
       fronts, iq_fams_f, {k: v for k, v in gold.items() if k[0] == INVERSE_Q})
+  kl_off = float(off_rows["kl"].max()) if len(off_rows) else float("nan")
+  for s, fams in ext_fams.items():
+    points += ext_points(fronts, fams, s, {k: v for k, v in gold.items() if k[0] == s}, kl_off)
   matched = matched_table(points, off_rows if off is not None else pd.DataFrame(),
                           {k: v for k, v in gold.items() if k[0] == OFFLINE}, e, th)
   cands = online.candidates(table, {k: v[:, None] for k, v in gold.items()}, halves) \
@@ -869,14 +950,25 @@ def compute(path, out_dir=None, *, thresholds: Thresholds | None = None) -> InCo
              f"{fmt(st.n_prompts)} ICDPO prompts).") if np.isfinite(dd) else ""
   notes = _notes({"offline": off, "inverse_q": iq, "icdpo": st, "gold": gold, "n_prompts": e,
                   "sizes": sizes, "d_gold_check": check})
+  for s, r in others.items():
+    notes.append(f"Beside the in-context methods: the {s} run `{r.path.name}` "
+                 f"({fmt(r.table['member'].nunique())} members: {', '.join(ext_fams[s])}); "
+                 + ("its per-prompt gold is paired with the offline stage's (same lab, same first "
+                    f"{fmt(e)} eval prompts; its own π_ref pool for the reference subtraction)."
+                    if ext_paired[s] else "not the same lab or too few per-prompt arrays: drawn "
+                    "on the figure only, no paired comparison."))
   found = [scoring_finding(st, paired_df, best, halves, th), reward_finding(st, th),
            iq_finding(iq_pairs, iq_fams_f if iq is not None else [], off_fams, halves, th),
            frontier_finding(positions, off_front is not None,
                             off_front.range[1] if off_front is not None else float("nan"), th)]
+  if pool_st is not None:
+    found.append(incontext_pool.finding(pool_st, th))
   return InContextReport(
       root=root, out_dir=pathlib.Path(out_dir) if out_dir else root / REPORT_DIR, offline=off,
       inverse_q=iq, icdpo=st, table=table, gold=gold, n_prompts=e, halves=halves,
-      offline_families=off_fams, iq_families=iq_fams_f,
+      offline_families=off_fams, iq_families=iq_fams_f, others=others,
+      other_families={s: [f for f in fams if f in fronts] for s, fams in ext_fams.items()},
+      pool=pool_st,
       frontiers={**fronts, **({OFFLINE: off_front} if off_front is not None else {})},
       icdpo_rows=icdpo_csv(st, paired_df) if st is not None else pd.DataFrame(
           columns=list(ICDPO_CSV_COLUMNS)),
@@ -914,7 +1006,9 @@ FIGURE_CAPTION = (
     "every (k, retriever, contrast) at every N; large markers the highest-gold config at each N, "
     "drawn at the upper end of its KL bracket with a bar to the lower end (k1). Best-of-N from "
     "π_ref(·|x) by likelihood and by gold (the oracle ceiling) from the ICDPO stage, and π_ref's "
-    "gold-selected best-of-n from the offline evaluator (bon.json), as curves over N.")
+    "gold-selected best-of-n from the offline evaluator (bon.json), as curves over N. Runs named "
+    "in compare.json (online methods: dotted; RL against a proxy selector: dash-dot) are drawn "
+    "as frontiers only, each with its own π_ref pool as the zero of gold.")
 
 
 def _stage_line(rep: InContextReport) -> str:
@@ -940,6 +1034,10 @@ def _stage_line(rep: InContextReport) -> str:
                  f"{fmt(st.info.get('pool_per_prompt', np.nan))} in-context candidates per prompt)")
   else:
     parts.append("no ICDPO stage")
+  for stage, run in (rep.others or {}).items():
+    parts.append(f"{stage} run `{rel(run.path)}` (from `{COMPARE_FILE}`)")
+  if rep.pool is not None:
+    parts.append(f"ICDPO on the proxy setting's pool `{rel(rep.pool.path)}`")
   return "; ".join(parts) + "."
 
 
@@ -982,6 +1080,7 @@ def render_markdown(rep: InContextReport) -> str:
             "Accuracy on held-out test pairs against the gold ordering (binomial SE); "
             "likelihood and icl_likelihood are baselines.", "",
             md_table(rep.icdpo.reward, REWARD_MD), ""]
+  out += incontext_pool.render(rep.pool)
   out += ["## Gold at matched KL", ""]
   if rep.matched.empty:
     out += ["No point to match (needs the offline stage and ICDPO or Inverse-Q*)." if
@@ -989,10 +1088,12 @@ def render_markdown(rep: InContextReport) -> str:
   else:
     tol = f"max({fmt(KL_TOL_REL)} × KL, {fmt(KL_TOL_ABS)} nats)"
     out += [f"Each ICDPO config at its largest N (KL from kl_lower to kl, matched at kl) and each "
-            f"{IQ_LABEL} Pareto point past step 0, against each offline family's (member, step) "
+            f"{IQ_LABEL} Pareto point past step 0 (and, for the runs in "
+            f"`{COMPARE_FILE}`, each family's highest-gold Pareto point within the offline KL range), against each offline family's (member, step) "
             f"with the nearest KL, when within {tol}; the difference is paired over all "
             f"{fmt(rep.n_prompts)} prompts (the offline point is chosen by KL, not gold). Inverse-Q* "
-            "Pareto points were chosen by gold on all prompts (biased up). `matched_kl.csv`.", ""]
+            "Pareto points and the compared runs' best points were chosen by gold on all prompts "
+            "(biased up). `matched_kl.csv`.", ""]
     ok = rep.matched[rep.matched["matched"].astype(bool)]
     miss = rep.matched[~rep.matched["matched"].astype(bool)]
     if len(ok):
@@ -1040,6 +1141,7 @@ def write(path, *, log=print, out_dir=None, figures: bool = True,
   if figures:
     from gpo_jax.analysis import incontext_plots   # matplotlib only when drawing
     rep.figures = {FIGURE_NAME: incontext_plots.frontier_figure(rep, rep.out_dir, FIGURE_NAME)}
+  incontext_pool.write_csv(rep.pool, rep.out_dir)
   for df, name in ((rep.icdpo_rows, ICDPO_CSV), (rep.matched, MATCHED_CSV)):
     df.to_csv(rep.out_dir / name, index=False, float_format=_FLOAT_FORMAT, lineterminator="\n")
   rep.path = rep.out_dir / REPORT_FILE

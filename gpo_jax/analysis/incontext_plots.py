@@ -27,11 +27,12 @@ def _sqrt(x) -> np.ndarray:
   return np.sqrt(np.clip(np.asarray(x, float), 0.0, None))
 
 
-def _families(ax, rep, families, style, dashed: bool, suffix: str):
+def _families(ax, rep, families, style, linestyle, suffix: str, trajectories: bool = True,
+              linewidth: float = 1.6):
   for fam in families:
     st = style[fam]
     g = rep.table[rep.table["family"] == fam]
-    for _, mg in g.groupby(["stage", "member"], sort=True):
+    for _, mg in (g.groupby(["stage", "member"], sort=True) if trajectories else ()):
       mg = mg.sort_values("step")
       ax.plot(mg["sqrt_kl"], mg[GOLD], color=st["color"], marker=st["marker"], markersize=2.5,
               linewidth=0.5, alpha=0.25)
@@ -39,7 +40,7 @@ def _families(ax, rep, families, style, dashed: bool, suffix: str):
     if fr is None:
       continue
     x, y = _frontier_line(fr)
-    ax.plot(x, y, color=st["color"], linestyle="--" if dashed else "-", linewidth=1.6,
+    ax.plot(x, y, color=st["color"], linestyle=linestyle, linewidth=linewidth,
             marker=st["marker"], markersize=4, markerfacecolor="none", label=fam + suffix)
 
 
@@ -70,11 +71,17 @@ def _curve(ax, rows, method, **kw):
 
 def frontier_figure(rep, out_dir: pathlib.Path, name: str = "incontext_frontier") -> list[pathlib.Path]:
   """Draws ``name.{png,svg}`` for an :class:`~gpo_jax.analysis.incontext.InContextReport`; returns the paths."""
-  families = list(rep.offline_families) + list(rep.iq_families)
+  others = getattr(rep, "other_families", {}) or {}
+  families = (list(rep.offline_families) + list(rep.iq_families)
+              + [f for fams in others.values() for f in fams])
   style = plots.family_style(families)
-  fig, ax = plots.figure(figsize=(7.4, 5.6))
-  _families(ax, rep, rep.offline_families, style, True, " (offline GPO)")
-  _families(ax, rep, rep.iq_families, style, False, f" — {IQ_LABEL}")
+  fig, ax = plots.figure(figsize=(7.4, 5.6) if not others else (8.4, 6.6))
+  _families(ax, rep, rep.offline_families, style, "--", " (offline GPO)")
+  _families(ax, rep, rep.iq_families, style, "-", f" — {IQ_LABEL}")
+  # other methods' runs on the same lab (compare.json): frontiers only, thin
+  for stage, fams in others.items():
+    _families(ax, rep, fams, style, ":" if stage == "online" else "-.",
+              " (online)" if stage == "online" else "", trajectories=False, linewidth=1.0)
   if rep.icdpo is not None:
     rows = rep.icdpo.rows
     _icdpo(ax, rows)

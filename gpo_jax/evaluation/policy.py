@@ -270,7 +270,7 @@ class Evaluator:
       if proxy_params is not None:    # every proxy's normalised score of the pool, [P, n]
         parts = dict(parts, proxies=self.proxy.score_fn(proxy_params, ctx, resp, mask))
       return (gold, jnp.sum(mask, axis=-1).astype(jnp.float32),
-              sequences.ends_with_eos(resp, mask, sampling.EOS), parts)
+              sequences.ends_with_eos(resp, mask, sampling.EOS), parts, resp, mask)
 
     e = prompts_ExP.shape[0]
     keys = jax.random.split(key, e)
@@ -307,9 +307,7 @@ class Evaluator:
       fraction), the control variate every member's gold is paired with.
     """
     e, n = self.prompts_ExP.shape[0], self.ecfg.ref_samples_per_prompt
-    key = jax.random.fold_in(jax.random.key(self.ecfg.seed), _REF_STREAM)
-    gold, length, eos, parts = self._pool(self.ref_params, self.gold_state, self.prompts_ExP,
-                                          key, self.proxy_params)
+    gold, length, eos, parts, _, _ = self._sample_pool()
     parts = dict(parts)
     proxies = parts.pop("proxies", None)
     gold_ExN = distributed.to_host(gold).astype(np.float64)
@@ -335,6 +333,25 @@ class Evaluator:
                              "response_len": length_ExN.mean(axis=1).tolist(),
                              "eos_frac": eos_ExN.mean(axis=1).tolist()}
     return out
+
+  def _sample_pool(self):
+    key = jax.random.fold_in(jax.random.key(self.ecfg.seed), _REF_STREAM)
+    return self._pool(self.ref_params, self.gold_state, self.prompts_ExP, key,
+                      self.proxy_params)
+
+  def ref_pool(self) -> dict[str, np.ndarray]:
+    """π_ref's pool itself, the samples :meth:`reference` scores (same keys, same program).
+
+    Returns host arrays: ``tokens [E, N, T]`` int32, ``mask [E, N, T]``, ``gold [E, N]``
+    (normalised, not reference-subtracted), ``response_len`` and ``eos`` ``[E, N]``. Other
+    scorers (ICDPO's in-context score, a new proxy) can select from exactly the pool a
+    run's best-of-n curves were drawn from, without the pool being stored.
+    """
+    gold, length, eos, _, resp, mask = self._sample_pool()
+    host = distributed.to_host
+    return {"tokens": host(resp).astype(np.int32), "mask": host(mask).astype(np.float32),
+            "gold": host(gold).astype(np.float32), "response_len": host(length),
+            "eos": host(eos).astype(np.float32)}
 
   def _proxy_reference(self, gold_ExN, proxies_ExPxN, length_ExN) -> None:
     """π_ref's per-prompt mean of every selector (the R(0) of ``proxy/reward``) and the pool."""
