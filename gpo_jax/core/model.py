@@ -250,24 +250,38 @@ class Transformer(nnx.Module):
     h_BxLxD, _ = self.decoder(h_BxLxD)
     return self._logits(h_BxLxD)
 
-  def init_cache(self, batch_size: int) -> Cache:
-    """An all-zero KV cache: per layer ``{"k", "v"}`` of shape ``[B, max_len, heads, head_dim]``."""
+  def init_cache(self, batch_size: int, length: int | None = None) -> Cache:
+    """An all-zero KV cache: per layer ``{"k", "v"}`` of shape ``[B, length, heads, head_dim]``.
+
+    ``length`` (default ``max_len``) bounds the positions the cache can hold; a sampler that
+    knows its context and response lengths allocates exactly ``C + T`` slots, so every
+    decode step attends over (and moves) only those instead of ``max_len``.
+    """
     c = self.cfg
-    shape = (batch_size, c.max_len, c.n_heads, c.head_dim)
+    length = c.max_len if length is None else int(length)
+    if not 1 <= length <= c.max_len:
+      raise ValueError(f"cache length {length} must be in [1, max_len={c.max_len}]")
+    shape = (batch_size, length, c.n_heads, c.head_dim)
     return tuple(
         {"k": jnp.zeros(shape, c.compute_dtype), "v": jnp.zeros(shape, c.compute_dtype)}
         for _ in range(c.n_layers)
     )
 
-  def prefill(self, tokens_BxC: Array) -> tuple[Array, Cache]:
-    """Runs the context; returns the logits at its last position ``[B, V]`` and the cache."""
+  def prefill(self, tokens_BxC: Array, cache_len: int | None = None) -> tuple[Array, Cache]:
+    """Runs the context; returns the logits at its last position ``[B, V]`` and the cache.
+
+    ``cache_len`` (static; default ``max_len``, at least ``C``) is the number of cache slots:
+    positions ``>= cache_len`` cannot be decoded afterwards.
+    """
     b, c = tokens_BxC.shape
     self.decoder._check_length(c)
+    if cache_len is not None and int(cache_len) < c:
+      raise ValueError(f"cache_len={cache_len} is shorter than the context length {c}")
     h_BxCxD, kv = self.decoder(self.decoder.embed(tokens_BxC))
     cache = tuple(
         {name: jax.lax.dynamic_update_slice(empty[name], layer[name], (0, 0, 0, 0))
          for name in ("k", "v")}
-        for empty, layer in zip(self.init_cache(b), kv)
+        for empty, layer in zip(self.init_cache(b, cache_len), kv)
     )
     return self._logits(h_BxCxD[:, -1]), cache
 

@@ -131,7 +131,10 @@ def sample(
   choose = lambda logits, k, done: _choose(  # noqa: E731
       logits, k, done, temperature, top_k, top_p, eos_id, pad_id)
 
-  logits_BxV, cache = model.prefill(context_BxC)
+  # The cache holds exactly the C + T - 1 positions ever fed (the last token is never fed
+  # back): decode steps attend over those, not over max_len.
+  cache_len = c + max_new_tokens - 1 if max_new_tokens > 1 else c
+  logits_BxV, cache = model.prefill(context_BxC, cache_len)
   first = choose(logits_BxV, keys[0], jnp.zeros((b,), bool))
 
   def step(carry, xs):
@@ -228,8 +231,9 @@ def sample_mixture(
     return _choose(mixture_logits(logits, ref_logits, beta_B), k, done, 1.0, None, None,
                    eos_id, pad_id)
 
-  logits_BxV, cache = model.prefill(context_BxC)
-  ref_logits_BxV, ref_cache = ref_model.prefill(context_BxC)
+  cache_len = c + max_new_tokens - 1 if max_new_tokens > 1 else c
+  logits_BxV, cache = model.prefill(context_BxC, cache_len)
+  ref_logits_BxV, ref_cache = ref_model.prefill(context_BxC, cache_len)
   first = choose(logits_BxV, ref_logits_BxV, keys[0], jnp.zeros((b,), bool))
 
   def step(carry, xs):

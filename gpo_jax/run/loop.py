@@ -190,11 +190,16 @@ def _run_locked(config, workdir, primary, t_start, *, stop_at, log, progress) ->
     start = 0
 
   evaluator = algo.evaluator(lab, s.graphdef, s.rest, members, config, replicated)
+  t_ref = time.perf_counter()
   if primary:
     for name, payload in evaluator.artifacts().items():
       write_artifact(os.path.join(workdir, name), payload)
   else:
     evaluator.artifacts()
+  # Where the wall time goes (manifest.json "timings"): the one-time π_ref pool, every
+  # evaluation (timed after the pending train steps are done, so it is evaluation alone),
+  # and the train/eval loop as a whole.
+  timings = {"reference_s": time.perf_counter() - t_ref, "eval_s": 0.0, "evaluations": 0}
 
   # Rows from the resumed step on are recomputed (identically), so drop them first.
   writer = writers_lib.MetricsWriter(workdir, resume_step=start - 1 if start else None,
@@ -246,14 +251,19 @@ def _run_locked(config, workdir, primary, t_start, *, stop_at, log, progress) ->
       raise
     last_saved[0] = step_done
 
+  t_loop = time.perf_counter()
   with guard.StopSignals() as stop:
     try:
       for step in range(start, steps + 1):
         if step % every == 0 or step == steps:
           per_prompt: dict = {}
+          jax.block_until_ready(state)
+          t_eval = time.perf_counter()
           rows = eval_rows(evaluator, members, state, s.hparams, step, last_train,
                            train_keys=("loss", "grad_norm") + tuple(algo.row_metrics),
                            label_temp=lab.cfg.label_temp, per_prompt=per_prompt)
+          timings["eval_s"] += time.perf_counter() - t_eval
+          timings["evaluations"] += 1
           writer.write(rows)
           if per_prompt:
             writer.write_per_prompt(step, per_prompt)
@@ -296,11 +306,16 @@ def _run_locked(config, workdir, primary, t_start, *, stop_at, log, progress) ->
                                   "free space and rerun the same command (resume is exact "
                                   "from the newest complete checkpoint).") from None
 
+  timings["loop_s"] = time.perf_counter() - t_loop
+  timings["train_s"] = timings["loop_s"] - timings["eval_s"]
+  timings["eval_share"] = (timings["eval_s"] / timings["loop_s"]) if timings["loop_s"] > 0 else 0.0
   algo.export(workdir, lab, config, s.graphdef, state["params"], members)
   wall = time.time() - t_start
   if primary:
     write_manifest(workdir, lab, s.mesh, members, start, steps, wall, best, algo.name,
-                   extra={"layout_changes": layout_changes, "missing_eval_steps": missing},
+                   extra={"layout_changes": layout_changes, "missing_eval_steps": missing,
+                          "timings": {k: round(v, 3) if isinstance(v, float) else v
+                                      for k, v in timings.items()}},
                    log=log)
     log(f"done: {steps} steps, {members.size} members, {wall:.1f} s; best {best}")
     if config.analyze:
