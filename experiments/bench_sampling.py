@@ -170,7 +170,7 @@ def _prefill_cache_len(wl: Workload, b: int, length: int | None = None) -> int:
   ctx = jax.ShapeDtypeStruct((b, wl.context_len), jnp.int32)
   _, cache = jax.eval_shape(lambda p, c: prefill(nnx.merge(wl.graphdef, p, wl.rest), c, length),
                             wl.params, ctx)
-  return int(cache[0]["k"].shape[1])
+  return int(cache[0]["k"].shape[2])   # [B, heads, S, head_dim]
 
 
 def prefill(model, ctx, length: int | None = None):
@@ -183,7 +183,7 @@ def prefill(model, ctx, length: int | None = None):
 def cache_len(wl: Workload, b: int) -> int:
   """Positions of the KV cache the sampler's decode scan carries (read off its jaxpr).
 
-  The scan's carry holds per layer ``[B, S, heads, head_dim]`` arrays; ``S`` is what every
+  The scan's carry holds per layer ``[B, heads, S, head_dim]`` arrays; ``S`` is what every
   decode step attends over. Falls back to ``model.prefill``'s default cache length.
   """
   cfg = wl.cfg
@@ -195,8 +195,8 @@ def cache_len(wl: Workload, b: int) -> int:
     if eqn.primitive.name == "scan":
       for v in eqn.invars:
         shape = getattr(v.aval, "shape", ())
-        if len(shape) == 4 and shape[0] == b and shape[2:] == (cfg.n_heads, cfg.head_dim):
-          return int(shape[1])
+        if len(shape) == 4 and shape[0] == b and shape[1] == cfg.n_heads and shape[3] == cfg.head_dim:
+          return int(shape[2])
   return _prefill_cache_len(wl, b)
 
 

@@ -47,7 +47,7 @@ def test_decode_cost_vs_xla_cost_analysis():
   compiled = jax.jit(lambda p, t, c: nnx.merge(g, p, r).decode_step(t, jnp.int32(4), c),
                      donate_argnums=2).lower(p, jnp.ones((b,), jnp.int32), cache).compile()
   xla = bench_sampling.bench_sweep.xla_cost(compiled)
-  a = bench_sampling.decode_cost(TINY, b, int(cache[0]["k"].shape[1]))
+  a = bench_sampling.decode_cost(TINY, b, int(cache[0]["k"].shape[2]))
   assert 1.0 <= xla["flops"] / a["flops"] <= 1.3, (xla, a)
   assert 1.0 <= xla["bytes"] / a["bytes"] <= 8.0, (xla, a)
 

@@ -163,15 +163,26 @@ class Block(nnx.Module):
     causal_LxL = jnp.tril(jnp.ones((n, n), dtype=bool))
     return self.finish(h_BxLxD, _attend(q, k, v, causal_LxL)), k, v
 
-  def decode(self, h_Bx1xD: Array, pos: Array, k_BxSxHxK: Array, v_BxSxHxK: Array):
-    """One new position ``pos``: write its key/value into the cache and attend to ``<= pos``."""
+  def decode(self, h_Bx1xD: Array, pos: Array, k_BxHxSxK: Array, v_BxHxSxK: Array):
+    """One new position ``pos``: write its key/value into the cache and attend to ``<= pos``.
+
+    The cache is laid out ``[B, heads, S, head_dim]``: the two attention contractions then
+    batch over (B, heads) with the cache in place. (With ``[B, S, heads, head_dim]`` XLA:CPU
+    transposed the whole cache twice per step, ~1.7x slower at B >= 256 for the same result.)
+    """
     q, k, v = self.qkv(h_Bx1xD)
-    start = (jnp.int32(0), pos, jnp.int32(0), jnp.int32(0))
-    k_BxSxHxK = jax.lax.dynamic_update_slice(k_BxSxHxK, k.astype(k_BxSxHxK.dtype), start)
-    v_BxSxHxK = jax.lax.dynamic_update_slice(v_BxSxHxK, v.astype(v_BxSxHxK.dtype), start)
-    visible_1xS = (jnp.arange(k_BxSxHxK.shape[1]) <= pos)[None, :]
-    out = self.finish(h_Bx1xD, _attend(q, k_BxSxHxK, v_BxSxHxK, visible_1xS))
-    return out, k_BxSxHxK, v_BxSxHxK
+    start = (jnp.int32(0), jnp.int32(0), pos, jnp.int32(0))
+    k_BxHxSxK = jax.lax.dynamic_update_slice(
+        k_BxHxSxK, jnp.swapaxes(k, 1, 2).astype(k_BxHxSxK.dtype), start)
+    v_BxHxSxK = jax.lax.dynamic_update_slice(
+        v_BxHxSxK, jnp.swapaxes(v, 1, 2).astype(v_BxHxSxK.dtype), start)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    s_BxHx1xS = jnp.einsum("bqhk,bhsk->bhqs", q, k_BxHxSxK).astype(jnp.float32) * scale
+    visible_1xS = (jnp.arange(k_BxHxSxK.shape[2]) <= pos)[None, :]
+    s_BxHx1xS = jnp.where(visible_1xS, s_BxHx1xS, jnp.finfo(jnp.float32).min)
+    p_BxHx1xS = jax.nn.softmax(s_BxHx1xS, axis=-1).astype(v_BxHxSxK.dtype)
+    attn = jnp.einsum("bhqs,bhsk->bqhk", p_BxHx1xS, v_BxHxSxK)
+    return self.finish(h_Bx1xD, attn), k_BxHxSxK, v_BxHxSxK
 
 
 class Decoder(nnx.Module):
@@ -251,7 +262,7 @@ class Transformer(nnx.Module):
     return self._logits(h_BxLxD)
 
   def init_cache(self, batch_size: int, length: int | None = None) -> Cache:
-    """An all-zero KV cache: per layer ``{"k", "v"}`` of shape ``[B, length, heads, head_dim]``.
+    """An all-zero KV cache: per layer ``{"k", "v"}`` of shape ``[B, heads, length, head_dim]``.
 
     ``length`` (default ``max_len``) bounds the positions the cache can hold; a sampler that
     knows its context and response lengths allocates exactly ``C + T`` slots, so every
@@ -261,7 +272,7 @@ class Transformer(nnx.Module):
     length = c.max_len if length is None else int(length)
     if not 1 <= length <= c.max_len:
       raise ValueError(f"cache length {length} must be in [1, max_len={c.max_len}]")
-    shape = (batch_size, length, c.n_heads, c.head_dim)
+    shape = (batch_size, c.n_heads, length, c.head_dim)
     return tuple(
         {"k": jnp.zeros(shape, c.compute_dtype), "v": jnp.zeros(shape, c.compute_dtype)}
         for _ in range(c.n_layers)
@@ -279,7 +290,8 @@ class Transformer(nnx.Module):
       raise ValueError(f"cache_len={cache_len} is shorter than the context length {c}")
     h_BxCxD, kv = self.decoder(self.decoder.embed(tokens_BxC))
     cache = tuple(
-        {name: jax.lax.dynamic_update_slice(empty[name], layer[name], (0, 0, 0, 0))
+        {name: jax.lax.dynamic_update_slice(empty[name], jnp.swapaxes(layer[name], 1, 2),
+                                            (0, 0, 0, 0))
          for name in ("k", "v")}
         for empty, layer in zip(self.init_cache(b, cache_len), kv)
     )
