@@ -300,3 +300,48 @@ def test_errors_name_the_bad_value(tmp_path):
   np.savez(root / "icdpo" / "icdpo_per_prompt.npz", icdpo__k1__random__base__gold=np.zeros((E, 3)))
   with pytest.raises(ValueError, match=r"\(40, 3\)"):
     incontext.compute(root)
+
+
+def _with_lab(run_dir, lab):
+  cfg = json.loads((run_dir / "config.json").read_text())
+  cfg["lab"] = lab
+  (run_dir / "config.json").write_text(json.dumps(cfg))
+
+
+def test_compare_runs_are_drawn_matched_and_refused_when_bad(tmp_path):
+  """compare.json: other methods' runs on the same lab join the figure and the matched-KL
+  table (paired with the offline stage); another lab is figure-only; bad specs are refused."""
+  root, _ = pipeline(tmp_path)
+  ext = tmp_path / "ext"
+  ext.mkdir()
+  on = write_run(ext / "online", [("online_ipo", 0.1, (0.0, 0.6, 1.2), pi_ref(7)[None]
+                                   + np.asarray([0.0, 0.5, 0.6])[:, None])], "online")
+  rl = write_run(ext / "rl", [("L3_n1024/wco", 0.0, (0.0, 0.9, 2.5), pi_ref(7)[None]
+                               + np.asarray([0.0, 0.3, -0.4])[:, None])], "rloo")
+  for d in (root / "offline", root / "inverse_q", on, rl):
+    _with_lab(d, {"name": "small", "seed": 0})
+  (root / "compare.json").write_text(json.dumps({"online": "../ext/online", "rl_proxy": "../ext/rl"}))
+  rep = incontext.compute(root)
+  assert rep.other_families == {"online": ["online_ipo"], "rl_proxy": ["RL vs L3_n1024/wco"]}
+  m = rep.matched[rep.matched["source"] == "online"]
+  assert len(m) and m["matched"].any()
+  # the paired difference is the online member's per-prompt gold minus the offline one's
+  row = m[m["matched"].astype(bool)].iloc[0]
+  og = incontext.prompt_gold(incontext.load_run(root / "offline"), "offline")[
+      ("offline", int(row["offline_member"]), int(row["offline_step"]))]
+  want = (pi_ref(7) + 0.6) - og if int(row["step"]) == STEPS[2] else (pi_ref(7) + 0.5) - og
+  np.testing.assert_allclose(row["diff"], want.mean(), rtol=1e-5, atol=1e-6)
+  assert any("online run" in n and "paired" in n for n in rep.notes)
+  path = incontext.write(root, figures=True, log=lambda m: None)
+  assert "online_ipo (online)" in (path.parent / "incontext_frontier.svg").read_text()
+  # another lab: drawn, never paired
+  _with_lab(rl, {"name": "small", "seed": 1})
+  rep = incontext.compute(root)
+  assert not (rep.matched["source"] == "rl_proxy").any()
+  assert any("rl_proxy run" in n and "figure only" in n for n in rep.notes)
+  (root / "compare.json").write_text(json.dumps({"offlinee": "../ext/online"}))
+  with pytest.raises(ValueError, match="offlinee"):
+    incontext.compute(root)
+  (root / "compare.json").write_text(json.dumps({"online": "../ext/nowhere"}))
+  with pytest.raises(FileNotFoundError, match="nowhere"):
+    incontext.compute(root)

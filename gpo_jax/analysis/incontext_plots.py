@@ -69,6 +69,21 @@ def _curve(ax, rows, method, **kw):
     ax.plot(_sqrt(g["kl"]), g["gold"], **kw)
 
 
+def _pool_curves(ax, pool):
+  """Best-of-n on the proxy setting's pool: the held-out best ICDPO config and proxy selector."""
+  from gpo_jax.analysis import incontext_pool
+  from gpo_jax.evaluation import bon as bon_lib
+  c = incontext_pool.compare(pool)
+  x = _sqrt(bon_lib.kl_bon(np.asarray(pool.ns)))
+  for choice, color, marker, label in ((c.icdpo, ICDPO_COLOR, "P", "best-of-n by ICDPO score"),
+                                       (c.proxy, "tab:brown", "s", "best-of-n by proxy")):
+    if choice is None:
+      continue
+    y = pool.per_prompt[choice[0]].mean(axis=0)
+    ax.plot(x, y, color=color, marker=marker, markersize=3, linewidth=0.9, linestyle=(0, (3, 1)),
+            label=f"{label} {choice[0].split('/', 1)[1]} (proxy setting's pool)")
+
+
 def frontier_figure(rep, out_dir: pathlib.Path, name: str = "incontext_frontier") -> list[pathlib.Path]:
   """Draws ``name.{png,svg}`` for an :class:`~gpo_jax.analysis.incontext.InContextReport`; returns the paths."""
   others = getattr(rep, "other_families", {}) or {}
@@ -89,6 +104,9 @@ def frontier_figure(rep, out_dir: pathlib.Path, name: str = "incontext_frontier"
            label="best-of-N by likelihood (π_ref, ICDPO stage)")
     _curve(ax, rows, "bon_gold", color=CEIL_COLOR, marker="^", linestyle="-.", markersize=3,
            markerfacecolor="none", label="best-of-N by gold: oracle ceiling (ICDPO stage)")
+  pool = getattr(rep, "pool", None)
+  if pool is not None:
+    _pool_curves(ax, pool)
   bon = rep.offline.bon if rep.offline is not None else None
   if bon is not None:
     ax.plot(_sqrt(bon["kl"]), bon["gold"], color=BON_COLOR, marker="v", linestyle=(0, (1, 1)),

@@ -120,6 +120,37 @@ def compare(st: PoolStage, halves=None) -> PoolComparison:
   return PoolComparison(ic, px, pv, pl, peaks)
 
 
+BY_N_COLUMNS = ("n", "icdpo", "icdpo_gold", "proxy", "proxy_gold", "likelihood_gold", "diff",
+                "diff_se", "z", "mde", "d_lik", "d_lik_se")
+
+
+def by_n(st: PoolStage, halves=None) -> pd.DataFrame:
+  """At each ``n``: the best ICDPO config and the best proxy selector, each chosen on the even
+  prompts, compared on the odd ones (paired), and ICDPO against likelihood at that ``n``."""
+  sel, mea = inference.split_halves(st.n_prompts) if halves is None else halves
+  lik = st.per_prompt.get(LIKELIHOOD)
+  rows = []
+  for j, n in enumerate(st.ns):
+    if n < 2:
+      continue
+    pick = {}
+    for kind in ("icdpo", "proxy"):
+      names = st.names(kind)
+      if names:
+        pick[kind] = max(names, key=lambda a: (st.per_prompt[a][sel, j].mean(), a))
+    if len(pick) < 2:
+      continue
+    a, b = st.per_prompt[pick["icdpo"]][mea, j], st.per_prompt[pick["proxy"]][mea, j]
+    t = inference.paired(a, b)
+    tl = inference.paired(a, lik[mea, j]) if lik is not None else None
+    rows.append({"n": n, "icdpo": pick["icdpo"], "icdpo_gold": float(a.mean()),
+                 "proxy": pick["proxy"], "proxy_gold": float(b.mean()),
+                 "likelihood_gold": float(lik[mea, j].mean()) if lik is not None else np.nan,
+                 "diff": t.diff, "diff_se": t.se, "z": t.z, "mde": t.mde,
+                 "d_lik": tl.diff if tl else np.nan, "d_lik_se": tl.se if tl else np.nan})
+  return pd.DataFrame(rows, columns=list(BY_N_COLUMNS))
+
+
 def _pm(t) -> str:
   return f"{fmt(t.diff)} ± {fmt(t.se)} (z = {fmt(t.z)}, MDE {fmt(t.mde)})"
 
@@ -158,6 +189,14 @@ def finding(st: PoolStage | None, th: Thresholds, halves=None) -> Finding:
                     f"(z = {fmt(pk.z)})" if pk.falls else
                     f"does not fall significantly by n = {fmt(st.ns[pk.end_index])} (drop "
                     f"{fmt(pk.drop)} ± {fmt(pk.se)}, MDE {fmt(pk.mde)})") + ".")
+  bn = by_n(st, halves)
+  if len(bn):
+    worse = int((bn["z"] <= -crit).sum())
+    better = int((bn["z"] >= crit).sum())
+    parts.append(f"At each n separately (choices on the even prompts, measured on the odd): the "
+                 f"proxy is significantly better at {fmt(worse)} of {fmt(len(bn))} n, ICDPO at "
+                 f"{fmt(better)}; largest gap {fmt(bn['diff'].min())} at n = "
+                 f"{fmt(bn.loc[bn['diff'].idxmin(), 'n'])}.")
   if verdict == NOT_SUPPORTED and t.diff < 0 and -t.z >= crit:
     parts.append("The proxy chooses significantly better than ICDPO's score.")
   elif verdict == NOT_SUPPORTED:
@@ -183,7 +222,8 @@ def render(st: PoolStage | None) -> list[str]:
     show.append(c.proxy[0])
   prox = st.names("proxy")
   wide = df[df["selector"].isin(show)].copy()
-  wide["cell"] = [f"{fmt(g)} ± {fmt(s)}" for g, s in zip(wide["gold"], wide["gold_se"])]
+  tiny = lambda x: 0.0 if abs(x) < 1e-12 else x  # noqa: E731  (n = 1 is 0 up to rounding)
+  wide["cell"] = [f"{fmt(tiny(g))} ± {fmt(tiny(s))}" for g, s in zip(wide["gold"], wide["gold_se"])]
   piv = wide.pivot(index="selector", columns="n", values="cell").reindex(show)
   piv.columns = [f"n={n}" for n in piv.columns]
   piv = piv.reset_index()
@@ -192,7 +232,7 @@ def render(st: PoolStage | None) -> list[str]:
   spread = []
   for j, n in enumerate(st.ns):
     g = np.array([st.per_prompt[p][:, j].mean() for p in prox]) if prox else np.array([np.nan])
-    spread.append(f"{fmt(np.median(g))} [{fmt(g.min())}, {fmt(g.max())}]")
+    spread.append(f"{fmt(tiny(np.median(g)))} [{fmt(tiny(g.min()))}, {fmt(tiny(g.max()))}]")
   piv.loc[len(piv)] = [f"all {len(prox)} proxy selectors: median [min, max]", "proxy"] + spread
   lines = ["## ICDPO's score on the proxy setting's best-of-n pool", "",
            f"Best-of-n gold (reference-subtracted per prompt, prompt-clustered SE) when ICDPO's "
@@ -202,4 +242,13 @@ def render(st: PoolStage | None) -> list[str]:
            f"`{st.info.get('source_name', 'the proxy setting RL run')}`); the proxy row shown is "
            f"the held-out choice; every selector × n in `{CSV}`.", "",
            md_table(piv, {c: c for c in piv.columns}), ""]
+  bn = by_n(st)
+  if len(bn):
+    lines += ["At each n, the best ICDPO config and the best proxy selector chosen on the even "
+              "prompts, measured on the odd ones (paired differences, prompt-clustered SE):", "",
+              md_table(bn, {"n": "n", "icdpo": "ICDPO config", "icdpo_gold": "ICDPO gold",
+                            "proxy": "proxy selector", "proxy_gold": "proxy gold",
+                            "likelihood_gold": "BoN-lik gold", "diff": "ICDPO − proxy",
+                            "diff_se": "se", "z": "z", "mde": "MDE", "d_lik": "ICDPO − BoN-lik",
+                            "d_lik_se": "se "}), ""]
   return lines
