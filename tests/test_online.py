@@ -322,3 +322,37 @@ def test_hard_labels_are_the_argmax_and_change_the_online_loss(tiny_lab):
     losses_.append(float(jax.jit(lambda p: loss_fn(p, batch, hp, jax.random.key(3))[0])(params)))
   # Same samples, labels pushed to 0/1: the logistic loss of hard labels differs.
   assert np.isfinite(losses_).all() and abs(losses_[0] - losses_[1]) > 1e-4, losses_
+
+
+def test_plain_sampler_when_no_member_mixes(tiny_lab):
+  """Without mixing members the loss samples with the plain sampler (no π_ref decode): the
+  same draws as the mixture sampler at β_mix = 0, so the same loss; OnlinePO picks it statically."""
+  members = _members(methods={"online": ("squared", "logistic")})
+  hp = {k: v[1] for k, v in members.hparams().items()}
+  mixed, params, batch = _loss_setup(tiny_lab, members)
+  plain, _, _ = _loss_setup(tiny_lab, members, mixture=False)
+  a, ma = jax.jit(mixed)(params, batch, hp, jax.random.key(2))
+  b, mb = jax.jit(plain)(params, batch, hp, jax.random.key(2))
+  np.testing.assert_allclose(float(a), float(b), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(float(ma["response_len"]), float(mb["response_len"]))
+  # the plain program has no π_ref decode: fewer transformer layers inside its scan
+  n_dots = lambda f: str(jax.make_jaxpr(f)(params, batch, hp, jax.random.key(2))).count(  # noqa: E731
+      "dot_general")
+  assert n_dots(plain) < n_dots(mixed)
+  algo = online.OnlinePO()
+  for mems, want in ((members, False), (_members(), True),
+                     (_members(methods={"ipo_md": ("squared",)}, mixture_coefs=(0.0,)), False)):
+    picked = []
+    orig = online.member_loss_fn
+    online.member_loss_fn = lambda *a, **k: picked.append(k["mixture"])  # noqa: E731
+    try:
+      algo._prefs[online._key(_cfg_stub(tiny_lab))] = object()
+      algo.loss_fn(None, None, mems, _cfg_stub(tiny_lab))
+    finally:
+      online.member_loss_fn = orig
+    assert picked == [want]
+
+
+def _cfg_stub(lab):
+  """The tiny online pipeline's online-stage config."""
+  return lab_fixture.load_config("online.py", "tiny").online

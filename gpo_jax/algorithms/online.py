@@ -217,12 +217,15 @@ def hard_label(p):
 
 
 def member_loss_fn(graphdef, rest, families, preference, *, response_len: int,
-                   hard_labels: bool = False, nash_md_per_token: bool = False):
+                   hard_labels: bool = False, nash_md_per_token: bool = False,
+                   mixture: bool = True):
   """The per-member online loss ``(params, batch, hp, key) -> (loss, metrics)``.
 
   ``batch``: ``prompt [B, C]``, ``batch[SHARED]`` = ``{"ref": π_ref params, ...the
   preference model's constants}``. ``hp``: ``method_idx``, ``family_idx``, ``beta``,
-  ``mixture_coef``, ``beta_eff_scale``.
+  ``mixture_coef``, ``beta_eff_scale``. ``mixture=False`` (static: no member of the sweep
+  ever draws from a mixture, e.g. only online IPO/DPO/SLiC members, or every ``β_mix = 0``)
+  samples both responses with the plain sampler, skipping π_ref's decode.
   """
   fswitch = losses.switched_f(tuple(families))
 
@@ -238,8 +241,11 @@ def member_loss_fn(graphdef, rest, families, preference, *, response_len: int,
     coefs = jnp.concatenate([jnp.full((b,), coef_a), jnp.full((b,), coef_b)])
     sampler = nnx.merge(graphdef, jax.lax.stop_gradient(params), rest)
     ref = nnx.merge(graphdef, sh["ref"], rest)
-    resp, mask = sampling.sample_mixture(sampler, ref, ctx2, key, coefs,
-                                         max_new_tokens=response_len)
+    if mixture:
+      resp, mask = sampling.sample_mixture(sampler, ref, ctx2, key, coefs,
+                                           max_new_tokens=response_len)
+    else:
+      resp, mask = sampling.sample(sampler, ctx2, key, max_new_tokens=response_len)
     tokens = jnp.concatenate([ctx2, resp], axis=1)
     c = ctx.shape[1]
     logits = nnx.merge(graphdef, params, rest)(tokens[:, :-1])[:, c - 1:]    # [2B, T, V]
@@ -365,10 +371,13 @@ class OnlinePO(Algorithm):
     if pref is None:
       raise RuntimeError("online: call train_data(lab, config) before loss_fn (the preference "
                          "model is built from the lab).")
+    mixes = ((np.asarray(members.columns["method_idx"]) != 0)
+             & (np.asarray(members.columns["mixture_coef"]) > 0))
     return member_loss_fn(graphdef, rest, members.families, pref,
                           response_len=int(config.lab.corpus.response_len),
                           hard_labels=bool(config.online.hard_labels),
-                          nash_md_per_token=bool(config.online.nash_md_per_token))
+                          nash_md_per_token=bool(config.online.nash_md_per_token),
+                          mixture=bool(mixes.any()))
 
   def evaluator(self, lab, graphdef, rest, members, config, sharding):
     from gpo_jax.evaluation import policy
