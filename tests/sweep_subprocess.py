@@ -18,7 +18,7 @@ from gpo_jax.engine import program
 
 STEPS = 3
 CASES = (({"sweep": 8}, "dp"), ({"sweep": 2, "data": 4}, "fsdp"),
-         ({"sweep": 2, "data": 2, "model": 2}, "fsdp_tp"))
+         ({"sweep": 2, "data": 2, "model": 2}, "fsdp_tp"), ({"sweep": 2, "data": 4}, "dp"))
 
 
 def train(members, params, step_fn, state):
@@ -67,8 +67,26 @@ def main_():
     lstate, lloss = train(members, params, looped_jit, init_state)
     ldiff = max(float(np.max(np.abs(a - np.asarray(b))))
                 for a, b in zip(dense_leaves, jax.tree.leaves(lstate["params"])))
+    # The run loop's placement (program.place_on_data): each member's batch over `data`,
+    # weights gathered at use under the presets that shard them over `data`.
+    gather = sharding.get_preset(preset).rules.get("embed") == sharding.DATA
+    placed = program.make_train_step(
+        program.place_on_data(gpo.member_loss_fn(graphdef, rest, ts.TABLE, False), mesh,
+                              sh["params"] if gather else None),
+        ts.TCFG, member_groups=mesh.shape[sharding.SWEEP], member_chunk=1)
+    placed_jit = jax.jit(placed, in_shardings=(sh, member_sh, rep), out_shardings=(sh, member_sh),
+                         donate_argnums=0)
+    init_state = jax.jit(init, out_shardings=sh)(params)
+    flops = lambda j: float(j.lower(init_state, members.hparams(), sequences.pair_arrays(  # noqa: E731
+        ts.SETUP[3])).compile().cost_analysis().get("flops", float("nan")))
+    f_looped, f_placed = flops(looped_jit), flops(placed_jit)
+    pstate, ploss = train(members, params, placed_jit, init_state)
+    pdiff = max(float(np.max(np.abs(a - np.asarray(b))))
+                for a, b in zip(dense_leaves, jax.tree.leaves(pstate["params"])))
     kernel = state["params"]["decoder"]["blocks"][0]["w_up"][...]
     out["cases"].append({
+        "placed_max_abs_diff": pdiff, "placed_loss_diff": float(np.max(np.abs(ploss - dense_loss))),
+        "looped_flops": f_looped, "placed_flops": f_placed,
         "mesh": mesh_cfg, "preset": preset, "max_abs_diff": diff,
         "loss_diff": float(np.max(np.abs(loss - dense_loss))),
         "looped_max_abs_diff": ldiff,

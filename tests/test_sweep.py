@@ -281,7 +281,14 @@ def test_sharded_sweep_equals_single_device_on_8_devices():
     assert case["looped_max_abs_diff"] < ATOL and case["looped_loss_diff"] < 1e-4, (
         f"{label}: looping over each shard's members (member_groups = sweep axis) differs "
         f"from the one-device run by {case['looped_max_abs_diff']}")
-  dp, fsdp, fsdp_tp = result["cases"]
+    assert case["placed_max_abs_diff"] < ATOL and case["placed_loss_diff"] < 1e-4, (
+        f"{label}: the batch placed over `data` (program.place_on_data) differs from the "
+        f"one-device run by {case['placed_max_abs_diff']}")
+  dp, fsdp, fsdp_tp, dp_data = result["cases"]
+  # Without the placement every `data` device of a member group repeats the member's whole
+  # batch; with it each computes its quarter (XLA's per-device FLOPs of the compiled step).
+  assert dp_data["placed_flops"] < 0.5 * dp_data["looped_flops"], dp_data
+  assert dp["placed_flops"] == dp["looped_flops"], "data = 1: the placement must be a no-op"
   assert dp["looped_collectives"] == [], (
       "with one member per device the looped layout must need no cross-device data "
       f"movement, found {dp['looped_collectives']} (the member regrouping broke the sharding)")

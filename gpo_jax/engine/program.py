@@ -110,6 +110,45 @@ def step_key(seed: Array, step: Array) -> Array:
       jax.random.fold_in(jax.random.key(seed), _STEP_STREAM), step)
 
 
+def place_on_data(loss_fn: LossFn, mesh, param_shardings=None) -> LossFn:
+  """The per-member loss with its batch split over the mesh's ``data`` axis.
+
+  Inside the member map nothing tells XLA where a member's gathered batch lives, so with
+  ``data > 1`` the partitioner either repeats the whole batch on every ``data`` device
+  (``dp``) or splits the matmuls' contractions and all-reduces activation-sized partial sums
+  (``fsdp``): measured on paper in experiments/POD_PLAN.md. Here every batch array (not the
+  :data:`SHARED` constants) is constrained to ``PartitionSpec("data")`` on its leading
+  (example) axis, and, with ``param_shardings`` (the stacked params' shardings), each weight
+  is gathered over ``data`` at use while keeping its ``model`` split (the FSDP pattern: the
+  stored state stays sharded, the gradient is reduce-scattered back). A mesh without a
+  ``data`` axis larger than 1 returns ``loss_fn`` unchanged.
+  """
+  if int(dict(mesh.shape).get(sharding.DATA, 1)) <= 1:
+    return loss_fn
+  on_data = NamedSharding(mesh, PartitionSpec(sharding.DATA))
+  wsc = jax.lax.with_sharding_constraint
+  inner = None
+  if param_shardings is not None:
+    def gathered(sh):
+      rest = tuple(sh.spec)[1:]     # drop the member (sweep) axis: the loss sees one member
+      def strip(a):
+        if isinstance(a, tuple):
+          a = tuple(x for x in a if x != sharding.DATA)
+          return a or None
+        return None if a == sharding.DATA else a
+      return NamedSharding(mesh, PartitionSpec(*(strip(a) for a in rest)))
+    inner = jax.tree.map(gathered, param_shardings)
+
+  def loss(params, batch, hp, key):
+    batch = {k: v if k == SHARED else jax.tree.map(
+        lambda a: wsc(a, on_data) if getattr(a, "ndim", 0) >= 1 else a, v)
+        for k, v in batch.items()}
+    if inner is not None:
+      params = jax.tree.map(wsc, params, inner)
+    return loss_fn(params, batch, hp, key)
+  return loss
+
+
 def make_train_step(loss_fn: LossFn, tcfg: TrainConfig, *, member_groups: int = 1,
                     member_chunk: int | None = None,
                     on_trace: Callable[[], None] | None = None):

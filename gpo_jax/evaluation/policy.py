@@ -456,6 +456,11 @@ class Evaluator:
     tests/test_evaluation_sharded.py). One reference row per chunk, not per member, keeps the
     extra cost at ``1/member_chunk`` of the offline forward.
     """
+    m_all = jax.tree.leaves(params_M)[0].shape[0]
+    return self._by_device(lambda p: self._offline_group(p, ref_params, test), params_M, m_all)
+
+  def _offline_group(self, params_M, ref_params, test) -> Array:
+    """:meth:`_offline_log_ratios` of one device's members."""
     m = jax.tree.leaves(params_M)[0].shape[0]
     c = min(self.ecfg.member_chunk, m)
     n_chunks = -(-m // c)
@@ -478,10 +483,31 @@ class Evaluator:
     lr_NxCx2B = jax.lax.map(chunk, padded)
     return lr_NxCx2B.reshape((n_chunks * c,) + lr_NxCx2B.shape[2:])[:m]
 
+  def _by_device(self, group_fn, args, m: int):
+    """``group_fn`` over the members of ``args`` (leading axis ``M``), each device of the
+    mesh's sweep axis running it on its own members.
+
+    A ``lax.map`` over a member axis that is sharded over ``sweep`` cannot be partitioned:
+    XLA gathers every member onto every device and each repeats the whole evaluation. So
+    the members are regrouped ``[G, M/G]`` with the ``G`` groups on the sweep axis (vmapped),
+    and ``group_fn`` maps over a group's members (as the train step does,
+    :func:`gpo_jax.engine.program.map_members`). ``G = 1`` without a sweep axis dividing ``M``.
+    """
+    g = self._pool_groups(m)
+    if g == 1:
+      return group_fn(args)
+    sh = jax.sharding.NamedSharding(self.sharding.mesh, jax.sharding.PartitionSpec(SWEEP_AXIS))
+    split = lambda x: jax.lax.with_sharding_constraint(  # noqa: E731
+        x.reshape((g, m // g) + x.shape[1:]), sh)
+    out = jax.vmap(group_fn)(jax.tree.map(split, args))
+    return jax.tree.map(lambda x: x.reshape((m,) + x.shape[2:]), out)
+
   def _eval_all(self, params_M, hparams, step, aux):
     fn = functools.partial(self._eval_member, step=step, aux=aux)
-    out = jax.lax.map(lambda a: fn(*a), (params_M, hparams),
-                      batch_size=min(self.ecfg.member_chunk, hparams["beta"].shape[0]))
+    m = hparams["beta"].shape[0]
+    chunk = min(self.ecfg.member_chunk, m // self._pool_groups(m))
+    out = self._by_device(lambda a: jax.lax.map(lambda t: fn(*t), a, batch_size=chunk),
+                          (params_M, hparams), m)
     per = out.pop("per_prompt")
     shown = out.pop("shown")
     res = dict(out)

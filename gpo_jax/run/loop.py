@@ -87,8 +87,13 @@ def setup(config, lab, *, log: Callable[[str], None] = logging.info,
   report = sharding.check_replication(abstract, state_sh, mesh, config.mesh.preset)
   log(f"mesh {dict(mesh.shape)}, preset {config.mesh.preset}: "
       f"{report.fraction:.1%} of the state replicated within a member group")
+  # Each member's batch over `data`; under presets that shard weights over `data` (fsdp,
+  # fsdp_tp) the weights are gathered at use. A no-op on meshes with data = 1 (the CPU runs).
+  gather = sharding.get_preset(config.mesh.preset).rules.get("embed") == sharding.DATA
+  loss = program.place_on_data(algo.loss_fn(graphdef, rest, members, config), mesh,
+                               state_sh["params"] if gather else None)
   step = program.make_train_step(
-      algo.loss_fn(graphdef, rest, members, config), tcfg,
+      loss, tcfg,
       member_groups=int(mesh.shape[sharding.SWEEP]),
       member_chunk=config_lib.member_chunk(config), on_trace=on_trace)
   return Setup(algorithm=algo, lab=lab, members=members, mesh=mesh, graphdef=graphdef,
@@ -262,7 +267,10 @@ def _run_locked(config, workdir, primary, t_start, *, stop_at, log, progress) ->
           rows = eval_rows(evaluator, members, state, s.hparams, step, last_train,
                            train_keys=("loss", "grad_norm") + tuple(algo.row_metrics),
                            label_temp=lab.cfg.label_temp, per_prompt=per_prompt)
-          timings["eval_s"] += time.perf_counter() - t_eval
+          dt = time.perf_counter() - t_eval
+          if not timings["evaluations"]:
+            timings["first_eval_s"] = dt   # includes compiling the evaluation program
+          timings["eval_s"] += dt
           timings["evaluations"] += 1
           writer.write(rows)
           if per_prompt:

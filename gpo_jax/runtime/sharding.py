@@ -25,6 +25,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 MESH_AXES = ("sweep", "data", "model")
 SWEEP = "sweep"
+DATA = "data"
 WEIGHT_AXES = ("vocab", "embed", "mlp", "heads", "kv")
 ACTIVATION_AXES = ("batch", "length")
 LOGICAL_AXES = (SWEEP,) + WEIGHT_AXES + ACTIVATION_AXES
