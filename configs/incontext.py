@@ -20,7 +20,8 @@ Stages (``gpo_jax/pipeline.py``), each resumable in ``<workdir>/<stage>``:
   ``configs/proxy_setting.py`` holding ``bon_pool.npz``): ICDPO's score as a best-of-n
   selector on that run's own π_ref pool (128 prompts × 1024 samples, regenerated from the
   lab and checked sample by sample against the stored gold), beside every proxy selector
-  (:mod:`gpo_jax.incontext.pool_bon`); about 20 min on 2 cores for 3 retrievers × 2 contrasts;
+  (:mod:`gpo_jax.incontext.pool_bon`); measured once: 33.6 min wall (16 min CPU) on 2 cores
+  shared with other jobs, for 3 retrievers × 2 contrasts (regenerating the pool: 6.7 min of it);
 * report ``<workdir>/report/incontext.md``: every method on one gold-vs-sqrt-KL figure,
   gold at matched KL with paired SEs, what in-context scoring buys over best-of-N. Runs named
   in ``compare.online`` / ``compare.rl_proxy`` (an online pipeline's ``online`` stage, the

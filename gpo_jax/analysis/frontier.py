@@ -71,6 +71,16 @@ class Frontier:
   def range(self) -> tuple[float, float]:
     return float(self.x[0]), float(self.x[-1])
 
+  def line(self) -> tuple[np.ndarray, np.ndarray]:
+    """The points to draw :meth:`polyline`: the Pareto points, then flat from the last one to
+    the family's largest sqrt KL."""
+    px = self.pareto["sqrt_kl"].to_numpy(float)
+    py = self.pareto["gold/reward"].to_numpy(float)
+    hi = self.range[1]
+    if hi > px[-1]:
+      px, py = np.append(px, hi), np.append(py, py[-1])
+    return px, py
+
 
 def frontier_of(points: pd.DataFrame, family: str = "") -> Frontier:
   """The frontier of a set of (sqrt_kl, gold/reward) rows (across β and steps)."""

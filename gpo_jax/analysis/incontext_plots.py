@@ -13,16 +13,6 @@ IQ_LABEL = "Inverse-Q* (reconstruction)"
 ICDPO_COLOR, LIK_COLOR, CEIL_COLOR, BON_COLOR = "darkmagenta", "0.35", "0.1", "0.55"
 
 
-def _frontier_line(fr) -> tuple[np.ndarray, np.ndarray]:
-  """The polyline through the Pareto points, flat from the last one to the family's largest sqrt KL."""
-  px = fr.pareto["sqrt_kl"].to_numpy(float)
-  py = fr.pareto[GOLD].to_numpy(float)
-  hi = fr.range[1]
-  if hi > px[-1]:
-    px, py = np.append(px, hi), np.append(py, py[-1])
-  return px, py
-
-
 def _sqrt(x) -> np.ndarray:
   return np.sqrt(np.clip(np.asarray(x, float), 0.0, None))
 
@@ -39,7 +29,7 @@ def _families(ax, rep, families, style, linestyle, suffix: str, trajectories: bo
     fr = rep.frontiers.get(fam)
     if fr is None:
       continue
-    x, y = _frontier_line(fr)
+    x, y = fr.line()
     ax.plot(x, y, color=st["color"], linestyle=linestyle, linewidth=linewidth,
             marker=st["marker"], markersize=4, markerfacecolor="none", label=fam + suffix)
 

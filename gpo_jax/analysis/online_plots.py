@@ -11,16 +11,6 @@ from gpo_jax.analysis import plots
 GOLD = "gold/reward"
 
 
-def _frontier_line(fr) -> tuple[np.ndarray, np.ndarray]:
-  """The polyline through the Pareto points, flat from the last one to the family's largest sqrt KL."""
-  px = fr.pareto["sqrt_kl"].to_numpy(float)
-  py = fr.pareto[GOLD].to_numpy(float)
-  hi = fr.range[1]
-  if hi > px[-1]:
-    px, py = np.append(px, hi), np.append(py, py[-1])
-  return px, py
-
-
 def frontier_figure(rep, out_dir: pathlib.Path, name: str = "online_frontier") -> list[pathlib.Path]:
   """Draws ``name.{png,svg}`` for an :class:`~gpo_jax.analysis.online.OnlineReport`; returns the paths."""
   families = list(rep.online_families) + list(rep.offline_families)
@@ -37,7 +27,7 @@ def frontier_figure(rep, out_dir: pathlib.Path, name: str = "online_frontier") -
     fr = rep.frontiers.get(fam)
     if fr is None:
       continue
-    x, y = _frontier_line(fr)
+    x, y = fr.line()
     ax.plot(x, y, color=st["color"], linestyle="--" if fam in offline else "-", linewidth=1.6,
             marker=st["marker"], markersize=4, markerfacecolor="none",
             label=fam)
