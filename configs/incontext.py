@@ -66,12 +66,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.lab_root = ""
   c.analyze = True
 
-  off = presets.base("gpo", lab, presets.gpo_eval(**evaluation))
-  off.sweep = ml_collections.ConfigDict(dict(
-      families=("logistic", "squared", "hinge"), betas=(0.1, 0.5) if tiny else (0.05, 0.2, 0.8),
-      beta_effs=(), seeds=(0,), lrs=(3e-4,), gammas=(0.0,), data_sizes=(0,)))
-  off.train.update(dict(steps=steps, batch_size=16, warmup_steps=5, log_every=10))
-  off.checkpoint.every = steps
+  off = presets.offline_gpo_stage(lab, evaluation, (0.1, 0.5) if tiny else (0.05, 0.2, 0.8), steps)
 
   iq = presets.base("inverse_q", lab, presets.gpo_eval(**evaluation))
   iq.inverse_q = ml_collections.ConfigDict(dict(

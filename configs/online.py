@@ -54,12 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.lab_root = ""
   c.analyze = True
 
-  off = presets.base("gpo", lab, presets.gpo_eval(**evaluation))
-  off.sweep = ml_collections.ConfigDict(dict(
-      families=("logistic", "squared", "hinge"), betas=betas, beta_effs=(),
-      seeds=(0,), lrs=(3e-4,), gammas=(0.0,), data_sizes=(0,)))
-  off.train.update(dict(steps=steps, batch_size=16, warmup_steps=5, log_every=10))
-  off.checkpoint.every = steps
+  off = presets.offline_gpo_stage(lab, evaluation, betas, steps)
 
   on = presets.base("online", lab, presets.gpo_eval(**evaluation))
   on.online = ml_collections.ConfigDict(dict(

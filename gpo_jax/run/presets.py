@@ -60,3 +60,20 @@ def base(algorithm: str, lab: str, evaluation: ml_collections.ConfigDict
       enabled=False, coordinator_address="", num_processes=1, process_id=0))
   c.analyze = True
   return c
+
+
+def offline_gpo_stage(lab: str, evaluation: dict, betas, steps: int) -> ml_collections.ConfigDict:
+  """The offline GPO stage the online and in-context pipelines compare against.
+
+  DPO, IPO and SLiC (families logistic, squared, hinge) × ``betas``, one seed, every train
+  pair, batches of 16, evaluated with ``evaluation`` (:func:`gpo_eval` overrides), one
+  checkpoint at the end.
+  """
+  off = base("gpo", lab, gpo_eval(**evaluation))
+  off.sweep = ml_collections.ConfigDict(dict(
+      families=("logistic", "squared", "hinge"), betas=tuple(betas), beta_effs=(),
+      seeds=(0,), lrs=(3e-4,), gammas=(0.0,), data_sizes=(0,)))
+  off.train.update(dict(steps=steps, batch_size=16, warmup_steps=5, log_every=10))
+  off.checkpoint.every = steps
+  return off
+
