@@ -49,6 +49,7 @@ import numpy as np
 from flax import nnx
 
 from gpo_jax.lab import corpus as corpus_lib
+from gpo_jax.lab.builder import arrays_digest
 
 POLARITIES = ("good", "bad")
 RETRIEVERS = ("random", "bm25", "embedding")
@@ -114,7 +115,7 @@ class DemoPool:
 
   def digest(self) -> str:
     """SHA-256 of the pool's arrays."""
-    return _digest({"prompts": self.prompts_NxP, "responses": self.responses_NxT,
+    return arrays_digest({"prompts": self.prompts_NxP, "responses": self.responses_NxT,
                     "masks": self.masks_NxT, "gold": self.gold_N})
 
   def threshold(self, polarity: str, gold_quantile: float) -> float:
@@ -421,15 +422,6 @@ def retrieve(pool: DemoPool, query_prompts_ExP: np.ndarray, k: int, *, polarity:
 
 
 # ---------------------------------------------------------------------- stored retrieval
-def _digest(arrays: Mapping[str, np.ndarray]) -> str:
-  h = hashlib.sha256()
-  for name in sorted(arrays):
-    a = np.ascontiguousarray(arrays[name])
-    h.update(f"{name}:{a.dtype.str}:{a.shape}".encode())
-    h.update(a.tobytes())
-  return h.hexdigest()
-
-
 def lab_digest(lab) -> str:
   """The lab's identity: its config hash and ``lab.json``'s self-checksum (which covers the
   SHA-256 of every lab file, π_ref's weights included), when it has one."""
@@ -445,7 +437,7 @@ def retrieval_key(lab_id: str, pool: DemoPool, query_prompts_ExP: np.ndarray,
                   settings: RetrievalSettings) -> str:
   """12 hex digits of SHA-256 over (lab, pool, queries, settings, code version)."""
   blob = json.dumps({"lab": lab_id, "pool": pool.digest(), "pool_source": pool.source,
-                     "queries": _digest({"q": np.asarray(query_prompts_ExP, np.int32)}),
+                     "queries": arrays_digest({"q": np.asarray(query_prompts_ExP, np.int32)}),
                      "settings": settings.to_dict(), "version": RETRIEVAL_VERSION},
                     sort_keys=True)
   return hashlib.sha256(blob.encode()).hexdigest()[:12]

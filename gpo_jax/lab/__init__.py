@@ -13,4 +13,4 @@ from gpo_jax.lab.config import (
     LAB_CODE_VERSION, LAB_JSON, EVAL_PROMPTS, SPLITS, LabConfig, LabCorruptError, LabError,
     LabLoadError, ModelShape, load_config)
 from gpo_jax.lab.store import Lab, build_or_load, load_lab, summary
-from gpo_jax.lab.builder import build, _arrays_digest
+from gpo_jax.lab.builder import build, arrays_digest

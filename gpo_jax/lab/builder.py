@@ -115,7 +115,7 @@ def build(cfg: LabConfig, out_dir: str, log=print) -> dict:
   lab_tfds.write_dataset(pairs, os.path.join(out_dir, "tfds"), scratch, c.prompt_len + 2,
                          c.response_len)
   shutil.rmtree(scratch)
-  stats["data/sha256"] = {s: _arrays_digest(pairs[s]) for s in SPLITS}
+  stats["data/sha256"] = {s: arrays_digest(pairs[s]) for s in SPLITS}
   timings["write"] = time.time() - t
   timings["total"] = time.time() - t_start
   timings["cpu_total"] = time.process_time() - cpu0
@@ -136,7 +136,7 @@ def build(cfg: LabConfig, out_dir: str, log=print) -> dict:
   return stats
 
 
-def _arrays_digest(arrays: dict[str, np.ndarray]) -> str:
+def arrays_digest(arrays: dict[str, np.ndarray]) -> str:
   """SHA-256 over the named arrays' dtypes, shapes and bytes (order-independent of dict order)."""
   h = hashlib.sha256()
   for k in sorted(arrays):
