@@ -2,7 +2,8 @@
 
 One online update of one member, as ``gpo_jax.algorithms.online`` runs it inside the compiled
 sweep step: sample two responses to each of ``B`` prompts (``2B`` sequences of the lab's
-``response_len``; the mixture sampler runs π's and π_ref's KV caches side by side), score
+``response_len``; online-DPO members use π's plain KV-cache sampler, IPO-MD / Nash-MD
+members the mixture sampler that also decodes π_ref), score
 both with the lab's gold Bradley–Terry preference (``online.gold_preference``: the gold
 network forward on ``2B`` sequences), run π_ref and π forward on the sampled sequences, and
 take the online-DPO (logistic) gradient step with clipping and Adam.
@@ -178,10 +179,13 @@ def train_data(wl: OnlineWorkload) -> dict:
           program.SHARED: {"ref": jax.tree.map(jnp.array, wl.params), "gold": wl.gold_params}}
 
 
-def loss_fn(wl: OnlineWorkload, families):
-  return online.member_loss_fn(wl.graphdef, wl.rest, families,
+def loss_fn(wl: OnlineWorkload, members):
+  """The members' online loss, with the sampler ``OnlinePO`` picks for them (the plain one
+  when no member mixes, as for the online-DPO members benchmarked here)."""
+  return online.member_loss_fn(wl.graphdef, wl.rest, members.families,
                                online.gold_preference(wl.gold_fn, wl.label_temp),
-                               response_len=wl.response_len)
+                               response_len=wl.response_len,
+                               mixture=online.needs_mixture(members))
 
 
 # ------------------------------------------------------------------------------- FLOPs
@@ -197,20 +201,21 @@ def analytic_flops(cfg, gold_cfg, batch_size: int, context_len: int, response_le
 
   ``n = 2B`` sequences of ``C`` context and ``T`` response tokens:
 
-  * sampling (π and π_ref each, the mixture sampler runs both): prefill of ``C`` tokens
+  * sampling (π alone: online-DPO members use the plain sampler): prefill of ``C`` tokens
     (logits at the last position only), then ``T − 1`` decode steps, each attending over
-    the whole ``max_len`` KV cache (the implementation masks, it does not truncate);
+    the ``C + T − 1`` positions of the KV cache (the implementation masks, it does not
+    truncate);
   * π forward + backward (3×) and π_ref forward on the ``C + T − 1`` tokens the step feeds;
   * the gold network forward on ``C + T`` tokens (a scalar head, no unembedding).
   """
   n, c, t = 2 * batch_size, context_len, response_len
   unemb = 2 * cfg.d_model * cfg.vocab_size
   prefill = n * (c * _trunk(cfg, c) + unemb)
-  decode = n * (t - 1) * model_lib.flops_per_token(cfg, cfg.max_len)
+  decode = n * (t - 1) * model_lib.flops_per_token(cfg, c + t - 1)
   seq = c + t - 1
   fwd = n * seq * model_lib.flops_per_token(cfg, seq)
   parts = {
-      "sampling": 2 * (prefill + decode),
+      "sampling": prefill + decode,
       "policy_fwd_bwd": 3 * fwd,
       "ref_fwd": fwd,
       "gold_fwd": n * (c + t) * _trunk(gold_cfg, c + t),
@@ -285,7 +290,7 @@ class OnlineSteps:
     k = members.size
     if k not in self._cache:
       mesh, state_sh, _, data = self._layout(members)
-      fn = program.make_train_step(loss_fn(self.wl, members.families), self.tcfg,
+      fn = program.make_train_step(loss_fn(self.wl, members), self.tcfg,
                                    member_groups=mesh.shape[sharding_lib.SWEEP],
                                    member_chunk=self.chunk)
       jitted = program.jit_train_step(fn, state_sh, mesh, compiler_options=self.options)
@@ -333,7 +338,8 @@ def _median_time(fn, args, repeats: int) -> float:
 def component_times(wl: OnlineWorkload, batch_size: int, repeats: int = 10) -> dict:
   """Seconds of the K=1 step's parts, each jitted and timed alone on one device (median).
 
-  ``sampling``: ``sample_mixture`` of π and π_ref on ``2B`` contexts; ``gold``: the gold
+  ``sampling``: π's plain sampler on ``2B`` contexts (what online-DPO members run; the
+  mixture sampler of IPO-MD / Nash-MD also decodes π_ref); ``gold``: the gold
   preference of the ``B`` response pairs; ``fwd_bwd``: π's forward + backward and π_ref's
   forward on the sampled sequences (the loss's log-ratio sum). The rest of the step
   (loss, KL metrics, clipping, Adam, divergence checks, dispatch) is the step minus these.
@@ -349,7 +355,8 @@ def component_times(wl: OnlineWorkload, batch_size: int, repeats: int = 10) -> d
   def sample(params, ref, key):
     pol = nnx.merge(wl.graphdef, params, wl.rest)
     refm = nnx.merge(wl.graphdef, ref, wl.rest)
-    return sampling.sample_mixture(pol, refm, ctx2, key, jnp.zeros((2 * b,)), max_new_tokens=t)
+    del refm
+    return sampling.sample(pol, ctx2, key, max_new_tokens=t)
 
   resp, mask = sample(params, ref, key)
   pref = online.gold_preference(wl.gold_fn, wl.label_temp)
@@ -559,9 +566,10 @@ def render(res: dict) -> str:
   lines += [
       "",
       "Counted with `model.flops_per_token` (2 FLOPs per multiply-add of every matmul). "
-      "gpo_jax samples with π and π_ref side by side (the mixture sampler, so IPO-MD / "
-      "Nash-MD members share the program) and its decode steps attend over the whole "
-      f"max_len = {w['max_len']} KV cache; TRL's `generate` runs the policy alone over the "
+      "gpo_jax samples online-DPO members with π alone (the mixture sampler, which also "
+      "decodes π_ref, only when a member mixes) and its decode steps attend over the "
+      f"C + T − 1 positions of its KV cache (max_len = {w['max_len']}); TRL's `generate` runs "
+      "the policy alone over the "
       "tokens so far, and its forwards read all C + T tokens. XLA's cost analysis of the "
       f"K=1 step reports {res['by_k'].get('1', {}).get('xla_flops_reported', float('nan')) / 1e9:.3f} "
       "GFLOP, not used here: it counts a loop body (the decode scan) once and counts "

@@ -292,6 +292,13 @@ def member_loss_fn(graphdef, rest, families, preference, *, response_len: int,
   return loss_fn
 
 
+def needs_mixture(members: Members) -> bool:
+  """Whether any member draws from the π/π_ref mixture (IPO-MD or Nash-MD with β_mix > 0):
+  the static switch of :func:`member_loss_fn`'s ``mixture``."""
+  return bool(((np.asarray(members.columns["method_idx"]) != 0)
+               & (np.asarray(members.columns["mixture_coef"]) > 0)).any())
+
+
 def _key(config) -> str:
   o = config.online
   return repr((o.preference, o.get("proxy", ""), tuple(config.get("proxies", {}).get("paths", ())),
@@ -371,13 +378,11 @@ class OnlinePO(Algorithm):
     if pref is None:
       raise RuntimeError("online: call train_data(lab, config) before loss_fn (the preference "
                          "model is built from the lab).")
-    mixes = ((np.asarray(members.columns["method_idx"]) != 0)
-             & (np.asarray(members.columns["mixture_coef"]) > 0))
     return member_loss_fn(graphdef, rest, members.families, pref,
                           response_len=int(config.lab.corpus.response_len),
                           hard_labels=bool(config.online.hard_labels),
                           nash_md_per_token=bool(config.online.nash_md_per_token),
-                          mixture=bool(mixes.any()))
+                          mixture=needs_mixture(members))
 
   def evaluator(self, lab, graphdef, rest, members, config, sharding):
     from gpo_jax.evaluation import policy

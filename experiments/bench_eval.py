@@ -1,0 +1,256 @@
+"""Evaluation against training in the default sweep (``configs/cpu_sweep.py``), side by side in one process.
+
+What it answers (issue 15): what share of the main job's train/eval loop is evaluation with
+all 256 eval prompts, what the evaluation spends its FLOPs on, and what the evaluator's
+per-device member groups (``Evaluator._by_device``) buy over the layout they replaced (one
+``lax.map`` over the sweep-sharded member axis, which XLA runs on every device for every
+member).
+
+It builds the run exactly as ``python -m gpo_jax.main --config configs/cpu_sweep.py`` does
+(``gpo_jax.run.loop.setup``, the algorithm's evaluator, the same CPU devices and mesh) and,
+after compiling each program once:
+
+* times the train step (median of blocks of ``eval.every`` consecutive steps);
+* times one evaluation of all members (median of ``--repeats``) with the current evaluator
+  and with the replaced layout (the same evaluator, ``_by_device`` forced to one group),
+  interleaved round by round, and checks the two agree;
+* reads XLA's FLOP count of both programs (``cost_analysis``; loop bodies counted once, so
+  the per-member evaluation FLOPs are also counted analytically, below);
+* projects the loop's evaluation share for the config's schedule: ``E·t_eval /
+  (E·t_eval + S·t_step)`` with ``E`` evaluations and ``S`` steps (the π_ref pool, once per
+  run, and compilation are reported separately).
+
+Analytic FLOPs of one evaluation, per member (``E`` prompts × ``n`` samples, sequences of
+``L = C + T`` tokens, ``F(model)`` = forward FLOPs per token = 2 × matmul parameters + the
+attention terms): sampling ≈ ``E·n·L·F(π)``; policy and π_ref forward ``2·E·n·L·F(π)``;
+gold ``E·n·L·F(gold)``; offline diagnostics ``(1 + 1/chunk)·2·P·L·F(π)`` on ``P`` test
+pairs. The train step per member: ``3 · 2·B·L·F(π)`` (forward and backward of both
+responses of ``B`` pairs; π_ref's log-probs are read from the data).
+
+Run (the ``small`` lab is built on first use, ~2 min)::
+
+  python experiments/bench_eval.py --lab-root /tmp/labs --write   # -> experiments/BENCH_EVAL.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "experiments"))
+sys.path.insert(0, REPO)
+
+import bench_sweep  # noqa: E402  (machine info, load average, XLA cost: one place)
+
+OUT_MD = os.path.join(REPO, "experiments", "BENCH_EVAL.md")
+OUT_JSON = os.path.join(REPO, "experiments", "bench_eval.json")
+
+
+def forward_flops_per_token(cfg, context: int) -> float:
+  """2 × matmul parameters + attention (QKᵀ and PV over ``context`` keys) per token."""
+  d, f, l, v = cfg.d_model, cfg.d_ff, cfg.n_layers, cfg.vocab_size
+  per_layer = 2 * (d * 3 * d + d * d + 2 * d * f) + 2 * 2 * context * d
+  return float(l * per_layer + 2 * d * v)
+
+
+def gold_flops_per_token(cfg, context: int) -> float:
+  d, f, l = cfg.d_model, cfg.d_ff, cfg.n_layers
+  return float(l * (2 * (4 * d * d + 2 * d * f) + 4 * context * d) + 2 * d)
+
+
+def analytic(config, lab, m: int) -> dict:
+  """Per-evaluation and per-step FLOPs of the config, by part (module docstring)."""
+  from gpo_jax.lab.config import LabConfig
+  lc = LabConfig.from_dict(config.lab)
+  pc, gc = lc.policy_config, lc.gold_config
+  c = int(lab.eval_prompts.shape[1])
+  t = int(lc.corpus.response_len)
+  length = c + t
+  e = config.eval.n_prompts or len(lab.eval_prompts)
+  n = config.eval.samples_per_prompt
+  f_pi = forward_flops_per_token(pc, length // 2)
+  parts = {"sampling": e * n * length * f_pi,
+           "policy + π_ref forward": 2 * e * n * length * f_pi}
+  parts["gold"] = e * n * length * gold_flops_per_token(gc, length // 2)
+  p = min(config.eval.n_test_pairs or 10**9, len(lab.pairs("test")["chosen"]))
+  chunk = min(config.eval.member_chunk, m)
+  parts["offline diagnostics"] = (1 + 1 / chunk) * 2 * p * length * f_pi
+  per_eval = {k: m * v for k, v in parts.items()}
+  step = m * 3 * 2 * config.train.batch_size * length * f_pi
+  return {"eval_parts": per_eval, "eval_total": sum(per_eval.values()), "step": step}
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--lab-root", default=os.path.join(REPO, "runs", "labs"))
+  ap.add_argument("--variant", default="small", help="configs/cpu_sweep.py argument (lab)")
+  ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds; median counts")
+  ap.add_argument("--step-blocks", type=int, default=3, help="blocks of eval.every steps")
+  ap.add_argument("--write", action="store_true", help=f"write {OUT_MD} and {OUT_JSON}")
+  ap.add_argument("--md", default=OUT_MD)
+  ap.add_argument("--json", default=OUT_JSON)
+  args = ap.parse_args(argv)
+
+  config = bench_sweep.sweep_config(args.variant)
+  from gpo_jax.run import config as config_lib
+  from gpo_jax.runtime import cpu as cpu_lib
+  cpu_lib.configure_devices(config.mesh.cpu_devices, config_lib.member_count(config))
+  import jax
+  import numpy as np
+  from jax.sharding import NamedSharding, PartitionSpec
+  from gpo_jax import lab as lab_lib
+  from gpo_jax.run import loop
+
+  load0 = bench_sweep.load_avg()
+  t0 = time.time()
+  lab = lab_lib.build_or_load(lab_lib.LabConfig.from_dict(config.lab), args.lab_root,
+                              log=print)
+  s = loop.setup(config, lab, log=print)
+  m = s.members.size
+  an = analytic(config, lab, m)
+  replicated = NamedSharding(s.mesh, PartitionSpec())
+  state = jax.jit(s.init_fn, out_shardings=s.state_shardings)(s.params)
+  ev = s.algorithm.evaluator(lab, s.graphdef, s.rest, s.members, config, replicated)
+  t = time.perf_counter()
+  ev.artifacts()
+  t_ref = time.perf_counter() - t
+
+  # The replaced layout: the same evaluator with one member group (every device maps over
+  # every member), jitted afresh so it traces with the patched method.
+  old = s.algorithm.evaluator(lab, s.graphdef, s.rest, s.members, config, replicated)
+  old.ref_gold_ExN, old.ref_gold_E, old.ref_gold_mean = ev.ref_gold_ExN, ev.ref_gold_E, ev.ref_gold_mean
+  old._by_device = lambda group_fn, a, m_: group_fn(a)  # noqa: E731
+  old._pool_groups = lambda e: 1  # noqa: E731
+  old._eval = jax.jit(old._eval_all)
+
+  compile_s = {}
+
+  def evaluate(e, step):
+    out = e(state["params"], s.hparams, step)
+    return out
+
+  for name, e in (("eval", ev), ("eval_one_group", old)):
+    t = time.perf_counter()
+    evaluate(e, 0)
+    compile_s[name] = time.perf_counter() - t
+  t = time.perf_counter()
+  state, _ = s.step_fn(state, s.hparams, s.data)
+  jax.block_until_ready(state)
+  compile_s["step"] = time.perf_counter() - t
+
+  every = int(config.eval.every)
+  steps_total = int(config.train.steps)
+  n_evals = len([st for st in range(steps_total + 1) if st % every == 0 or st == steps_total])
+  t_eval, t_old, t_step = [], [], []
+  agree = 0.0
+  for r in range(args.repeats):
+    t = time.perf_counter()
+    a = evaluate(ev, r + 1)
+    t_eval.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    b = evaluate(old, r + 1)
+    t_old.append(time.perf_counter() - t)
+    for k in ("gold/reward", "kl"):
+      agree = max(agree, float(np.max(np.abs(np.asarray(a[k]) - np.asarray(b[k])))))
+    if r < args.step_blocks:
+      jax.block_until_ready(state)
+      t = time.perf_counter()
+      for _ in range(every):
+        state, _ = s.step_fn(state, s.hparams, s.data)
+      jax.block_until_ready(state)
+      t_step.append((time.perf_counter() - t) / every)
+
+  ce = float(bench_sweep.xla_cost(ev._eval.lower(state["params"], s.hparams, np.int32(0), {
+      "ref_params": ev.ref_params, "gold_state": ev.gold_state, "ref_gold": ev.ref_gold_ExN,
+      "ref_gold_E": ev.ref_gold_E, "prompts": ev.prompts_ExP, "test": ev.test}).compile())["flops"])
+  cs = float(bench_sweep.xla_cost(
+      s.step_fn.lower(state, s.hparams, s.data).compile())["flops"])
+  te, to, ts = statistics.median(t_eval), statistics.median(t_old), statistics.median(t_step)
+  share = lambda t_e: n_evals * t_e / (n_evals * t_e + steps_total * ts)  # noqa: E731
+  res = {
+      "config": f"configs/cpu_sweep.py:{args.variant}", "members": m,
+      "mesh": {k: int(v) for k, v in s.mesh.shape.items()},
+      "eval_prompts": int(config.eval.n_prompts or len(lab.eval_prompts)),
+      "samples_per_prompt": int(config.eval.samples_per_prompt),
+      "steps": steps_total, "every": every, "evaluations": n_evals,
+      "t_step_s": ts, "t_eval_s": te, "t_eval_one_group_s": to, "t_ref_pool_s": t_ref,
+      "t_step_all": t_step, "t_eval_all": t_eval, "t_eval_one_group_all": t_old,
+      "compile_s": compile_s, "share": share(te), "share_one_group": share(to),
+      "speedup_groups": to / te, "max_abs_diff_groups": agree,
+      "xla_flops_eval": ce, "xla_flops_step": cs, "analytic": an,
+      "gflops_eval": an["eval_total"] / te / 1e9, "gflops_step": an["step"] / ts / 1e9,
+      "machine": bench_sweep.machine_info(), "load_before": load0,
+      "load_after": bench_sweep.load_avg(), "wall_s": time.time() - t0,
+      "jax": jax.__version__,
+      "command": "python experiments/bench_eval.py " + " ".join(argv if argv is not None
+                                                                else sys.argv[1:]),
+  }
+  md = render(res)
+  print(md)
+  if args.write:
+    with open(args.md, "w") as f:
+      f.write(md)
+    with open(args.json, "w") as f:
+      json.dump(res, f, indent=1, sort_keys=True, default=float)
+  return 0
+
+
+def _g(x) -> str:
+  return f"{x / 1e9:.1f}"
+
+
+def render(r: dict) -> str:
+  an = r["analytic"]
+  lines = [
+      "# Evaluation vs training in the default sweep", "",
+      "Written by `experiments/bench_eval.py` (see its docstring for what is timed and counted):", "",
+      "```bash", r.get("command", "python experiments/bench_eval.py --write"), "```", "",
+      f"Machine: {r['machine']['cpu']}, {r['machine']['cores_usable']} usable cores, "
+      f"{r['machine']['n_devices']} XLA:CPU devices, jax {r['jax']}; load average before "
+      f"{r['load_before'][0]:.2f}, after {r['load_after'][0]:.2f}. Whole script "
+      f"{r['wall_s']:.0f} s.", "",
+      f"`{r['config']}`: {r['members']} members on mesh {r['mesh']}, {r['steps']} steps, an "
+      f"evaluation every {r['every']} steps ({r['evaluations']} in all) of every member on "
+      f"{r['eval_prompts']} prompts × {r['samples_per_prompt']} sample(s).", "",
+      "| | seconds (median) | all rounds | compile s |", "|---|---:|---|---:|",
+      f"| train step | {r['t_step_s']:.3f} | {', '.join(f'{x:.3f}' for x in r['t_step_all'])} | "
+      f"{r['compile_s']['step']:.1f} |",
+      f"| one evaluation (per-device member groups, the code) | {r['t_eval_s']:.2f} | "
+      f"{', '.join(f'{x:.2f}' for x in r['t_eval_all'])} | {r['compile_s']['eval']:.1f} |",
+      f"| one evaluation (one group: the replaced layout) | {r['t_eval_one_group_s']:.2f} | "
+      f"{', '.join(f'{x:.2f}' for x in r['t_eval_one_group_all'])} | "
+      f"{r['compile_s']['eval_one_group']:.1f} |",
+      f"| π_ref pool (once per run) | {r['t_ref_pool_s']:.1f} | | |", "",
+      f"- **Evaluation share of the train/eval loop** (projected for the schedule, compile "
+      f"excluded): **{100 * r['share']:.0f} %** ({100 * r['share_one_group']:.0f} % with the "
+      f"replaced layout). Goal ≤ 20 %: **{'MET' if r['share'] <= 0.2 else 'MISSED'}**.",
+      f"- Per-device member groups vs one group, same run: **{r['speedup_groups']:.2f}×** faster "
+      f"evaluation; the two agree to {r['max_abs_diff_groups']:.1e} (gold/reward, kl).",
+      f"- XLA FLOPs (loop bodies counted once): evaluation {_g(r['xla_flops_eval'])} G, "
+      f"train step {_g(r['xla_flops_step'])} G.", "",
+      "Analytic FLOPs (module docstring) — what one evaluation costs against one train step:", "",
+      "| part | GFLOP per evaluation | share |", "|---|---:|---:|"]
+  for k, v in an["eval_parts"].items():
+    lines.append(f"| {k} | {_g(v)} | {100 * v / an['eval_total']:.0f} % |")
+  lines += [f"| **evaluation** | **{_g(an['eval_total'])}** | |",
+            f"| train step (all members) | {_g(an['step'])} | |", "",
+            f"Achieved: evaluation {r['gflops_eval']:.1f} GFLOP/s, train step "
+            f"{r['gflops_step']:.1f} GFLOP/s (analytic FLOPs over measured time).", "",
+            f"One evaluation costs as many FLOPs as {an['eval_total'] / an['step']:.1f} train "
+            f"steps; with an evaluation every {r['every']} steps the FLOP share alone is "
+            f"{100 * an['eval_total'] / (an['eval_total'] + r['every'] * an['step']):.0f} %.", "",
+            f"At the measured times an evaluation share of 20 % needs an evaluation every "
+            f"{math.ceil(4 * r['t_eval_s'] / r['t_step_s'])} steps or more (4 × t_eval / t_step), "
+            f"or an evaluation {r['t_eval_s'] / (0.25 * r['every'] * r['t_step_s']):.1f}× cheaper "
+            f"at every {r['every']} steps.", ""]
+  return "\n".join(lines)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

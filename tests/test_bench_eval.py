@@ -1,0 +1,60 @@
+"""experiments/bench_eval.py: its FLOP formulas against XLA's count, and its report (no timing assertions)."""
+
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from gpo_jax.core import model as model_lib
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "experiments"))
+import bench_eval  # noqa: E402
+
+CFG = model_lib.TransformerConfig(vocab_size=32, d_model=32, n_layers=2, n_heads=4, d_ff=128,
+                                  max_len=24)
+
+
+@pytest.mark.parametrize("length", [8, 20])
+def test_forward_flops_match_xla(length):
+  """Per-token forward FLOPs of the policy formula (2 × matmul params + attention over
+  ``length/2`` keys on average + logits) against XLA's count of a full forward."""
+  m = model_lib.Transformer(CFG, rngs=nnx.Rngs(0))
+  g, p, r = nnx.split(m, nnx.Param, ...)
+  b = 16
+  x = jnp.ones((b, length), jnp.int32)
+  compiled = jax.jit(lambda p, x: nnx.merge(g, p, r)(x)).lower(p, x).compile()
+  xla = bench_eval.bench_sweep.xla_cost(compiled)["flops"]
+  # the model computes logits at every position; causal attention is computed over all keys
+  want = b * length * (bench_eval.forward_flops_per_token(CFG, length)
+                       - 2 * 2 * (length // 2) * CFG.d_model * CFG.n_layers
+                       + 2 * 2 * length * CFG.d_model * CFG.n_layers)
+  assert 0.95 <= xla / want <= 1.25, (xla, want)
+
+
+def _result(share):
+  return {
+      "machine": {"cpu": "test cpu", "cores_usable": 2, "n_devices": 2}, "jax": jax.__version__,
+      "load_before": (0.1, 0.1, 0.1), "load_after": (0.2, 0.1, 0.1), "wall_s": 10.0,
+      "config": "configs/cpu_sweep.py:small", "members": 36, "mesh": {"sweep": 2},
+      "steps": 150, "every": 25, "evaluations": 7, "eval_prompts": 256, "samples_per_prompt": 1,
+      "t_step_s": 1.0, "t_step_all": [1.0], "t_eval_s": 2.0, "t_eval_all": [2.0],
+      "t_eval_one_group_s": 4.0, "t_eval_one_group_all": [4.0], "t_ref_pool_s": 3.0,
+      "compile_s": {"step": 1.0, "eval": 2.0, "eval_one_group": 2.0}, "share": share,
+      "share_one_group": 0.5, "speedup_groups": 2.0, "max_abs_diff_groups": 1e-7,
+      "xla_flops_eval": 1e10, "xla_flops_step": 1e9,
+      "analytic": {"eval_parts": {"gold": 3e10, "sampling": 1e10}, "eval_total": 4e10,
+                   "step": 2e9},
+      "gflops_eval": 20.0, "gflops_step": 2.0}
+
+
+def test_report_states_the_goal_and_the_flop_share():
+  md = bench_eval.render(_result(0.35))
+  assert "MISSED" in md and "35 %" in md and "2.00×" in md
+  assert "| gold | 30.0 | 75 % |" in md
+  # one evaluation = 20 steps of FLOPs; every 25 steps -> 40e9 / (40e9 + 25 * 2e9) = 44 %
+  assert "20.0 train steps" in md and "FLOP share alone is 44 %" in md
+  assert "MET" in bench_eval.render(_result(0.15))
