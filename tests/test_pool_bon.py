@@ -158,3 +158,43 @@ def test_load_refuses_inconsistent_arrays(tmp_path):
   np.savez(tmp_path / incontext_pool.NPZ, a=np.zeros((4, 2)), b=np.zeros((4, 2)))
   with pytest.raises(ValueError, match="no kind"):
     incontext_pool.load(tmp_path)
+
+
+def test_pi_ref_pool_is_cached_beside_the_lab_and_never_trusted_blindly(tiny_lab):
+  """The scored π_ref pool is kept under <lab root>/pools/<lab dir>/ and reused by later
+  evaluators with the same lab, prompts, size, seed and device layout; a damaged file is
+  recomputed; cache_pool=False never touches it."""
+  import dataclasses
+  import glob
+  fresh = _evaluator(tiny_lab, seed=12345)
+  for f in glob.glob(fresh._pool_path()):
+    os.remove(f)
+  bon = fresh.reference()
+  assert fresh.pool_cache_hit is False and os.path.exists(fresh._pool_path())
+  assert os.path.dirname(fresh._pool_path()).endswith(
+      os.path.join(policy.POOL_CACHE_DIR, os.path.basename(tiny_lab.path)))
+  again = _evaluator(tiny_lab, seed=12345)
+  again._sample_pool = lambda: pytest.fail("sampled although the pool is cached")  # noqa: E731
+  assert again.reference() == bon and again.pool_cache_hit is True
+  np.testing.assert_array_equal(np.asarray(again.ref_gold_ExN), np.asarray(fresh.ref_gold_ExN))
+  assert fresh.lab_id.endswith(json.load(open(os.path.join(tiny_lab.path, "lab.json")))[
+      "meta_sha256"]) and len(fresh.lab_id) > 20
+  # another seed, size or lab is another pool
+  other = _evaluator(tiny_lab, seed=12345)
+  other.lab_id = "another lab"
+  assert other._pool_path() != fresh._pool_path()
+  assert _evaluator(tiny_lab, seed=12346)._pool_path() != fresh._pool_path()
+  assert _evaluator(tiny_lab, seed=12345, n=N // 2)._pool_path() != fresh._pool_path()
+  # a damaged cache is recomputed (same values) and rewritten
+  with open(fresh._pool_path(), "wb") as f:
+    f.write(b"not an npz")
+  third = _evaluator(tiny_lab, seed=12345)
+  assert third.reference() == bon and third.pool_cache_hit is False
+  assert _evaluator(tiny_lab, seed=12345).reference() == bon
+  # opting out
+  graphdef, _, rest = nnx.split(tiny_lab.policy(), nnx.Param, ...)
+  off = policy.Evaluator.from_lab(tiny_lab, graphdef, rest, dataclasses.replace(
+      _evaluator(tiny_lab).ecfg, cache_pool=False))
+  assert off.pool_cache is None
+  off.reference()
+  assert off.pool_cache_hit is None

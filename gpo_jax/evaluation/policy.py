@@ -47,6 +47,10 @@ References:
 from collections.abc import Mapping
 import dataclasses
 import functools
+import hashlib
+import json
+import logging
+import os
 from typing import Any
 
 import jax
@@ -68,6 +72,10 @@ Array = jax.Array
 _EVAL_STREAM = 0xE7A1
 _REF_STREAM = 0x7EF
 BON_FILE = "bon.json"
+#: π_ref's scored pool is cached under ``<lab root>/POOL_CACHE_DIR/<lab dir>/``
+POOL_CACHE_DIR = "pools"
+#: bump when the sampler or the gold scoring changes what a pool holds
+POOL_CACHE_VERSION = 1
 #: the π_ref pool scored by gold and by every proxy (runs against a proxy only)
 POOL_FILE = "bon_pool.npz"
 SWEEP_AXIS = "sweep"     # the mesh axis members (and the proxy-scored pool's prompts) use
@@ -95,6 +103,10 @@ class EvalConfig:
     member_chunk: members evaluated together (vmapped) at a time; bounds memory.
     bon_n: best-of-n sizes reported in ``bon.json`` (clipped to ``N``).
     seed: seed of the ``π_ref`` pool.
+    cache_pool: keep π_ref's scored pool beside the lab (``<lab root>/pools/``) and reuse it
+      in every later run with the same lab, eval prompts, pool size, seed and device layout
+      (the loaded arrays are the ones a fresh run computes, so results are unchanged). Runs
+      against a proxy never reuse it (their pool is scored by the proxies as well).
     gold_samples: also return every sample's reference-subtracted gold as
       ``sample/gold_all`` ``[M, E, n]`` (saved with the per-prompt arrays): the input of
       head-to-head win rates between members (``gpo_jax.analysis.online``).
@@ -107,6 +119,7 @@ class EvalConfig:
   bon_n: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
   seed: int = 0
   gold_samples: bool = False
+  cache_pool: bool = True
 
   @classmethod
   def from_config(cls, e, **overrides) -> "EvalConfig":
@@ -115,7 +128,8 @@ class EvalConfig:
                   ref_samples_per_prompt=e.ref_samples_per_prompt,
                   n_test_pairs=e.n_test_pairs, member_chunk=e.member_chunk,
                   bon_n=tuple(e.bon_n), seed=e.seed,
-                  gold_samples=bool(e.get("gold_samples", False)))
+                  gold_samples=bool(e.get("gold_samples", False)),
+                  cache_pool=bool(e.get("cache_pool", True)))
     fields.update(overrides)
     return cls(**fields)
 
@@ -190,7 +204,8 @@ class Evaluator:
                test_pairs: Mapping[str, np.ndarray],
                ecfg: EvalConfig, length_normalize: bool = False,
                sharding: jax.sharding.Sharding | None = None,
-               proxy: "ProxyEval | None" = None):
+               proxy: "ProxyEval | None" = None, pool_cache: str | None = None,
+               lab_id: str = ""):
     if ecfg.n_prompts > len(eval_prompts) or ecfg.n_prompts < 0:
       raise ValueError(f"eval.n_prompts={ecfg.n_prompts} must be in [0, "
                        f"{len(eval_prompts)}] (the lab's eval prompts; 0 = all).")
@@ -227,6 +242,10 @@ class Evaluator:
           {k: jnp.asarray(v) for k, v in member_sel.table().items()})
     self.ref_proxy_SxE = None
     self.pool_arrays: dict[str, np.ndarray] = {}
+    # ``<dir>/pool-`` prefix of π_ref's cached pool (None: never cached); see reference().
+    self.pool_cache = pool_cache if (proxy is None and ecfg.cache_pool) else None
+    self.lab_id = lab_id
+    self.pool_cache_hit: bool | None = None
     self._eval = jax.jit(self._eval_all)
     self._pool = jax.jit(self._pool_fn)
 
@@ -241,11 +260,18 @@ class Evaluator:
                proxy: "ProxyEval | None" = None) -> "Evaluator":
     gold_fn, gold_params = lab.gold_fn()
     ref_params = nnx.state(lab.policy(), nnx.Param)
+    lab_dir = os.path.abspath(lab.path)
+    cache = os.path.join(os.path.dirname(lab_dir), POOL_CACHE_DIR, os.path.basename(lab_dir))
+    try:    # lab.json's self-checksum covers every lab file, π_ref's weights included
+      with open(os.path.join(lab_dir, "lab.json")) as f:
+        lab_id = f"{lab.cfg.config_hash()}:{json.load(f).get('meta_sha256', '')}"
+    except (OSError, ValueError):
+      cache, lab_id = None, ""     # no identity, no cache
     return cls(graphdef=graphdef, rest=rest, ref_params=ref_params,
                gold_fn=gold_fn, gold_params=gold_params,
                eval_prompts=np.asarray(lab.eval_prompts), test_pairs=lab.pairs("test"),
                ecfg=ecfg, length_normalize=length_normalize,
-               sharding=sharding, proxy=proxy)
+               sharding=sharding, proxy=proxy, pool_cache=cache, lab_id=lab_id)
 
   # ------------------------------------------------------------------ shared pieces
 
@@ -307,7 +333,12 @@ class Evaluator:
       fraction), the control variate every member's gold is paired with.
     """
     e, n = self.prompts_ExP.shape[0], self.ecfg.ref_samples_per_prompt
-    gold, length, eos, parts, _, _ = self._sample_pool()
+    cached = self._load_pool()
+    if cached is not None:
+      gold, length, eos, parts = cached
+    else:
+      gold, length, eos, parts, _, _ = self._sample_pool()
+      self._save_pool(gold, length, eos, parts)
     parts = dict(parts)
     proxies = parts.pop("proxies", None)
     gold_ExN = distributed.to_host(gold).astype(np.float64)
@@ -333,6 +364,65 @@ class Evaluator:
                              "response_len": length_ExN.mean(axis=1).tolist(),
                              "eos_frac": eos_ExN.mean(axis=1).tolist()}
     return out
+
+  # ------------------------------------------------------------------ pool cache
+
+  def _pool_key(self) -> str:
+    """What the pool depends on: the lab's files, the prompts, the pool's size and seed, the
+    sampler's code version and the device layout (XLA:CPU may round differently on another)."""
+    h = hashlib.sha256()
+    h.update(self.lab_id.encode())
+    h.update(np.ascontiguousarray(distributed.to_host(self.prompts_ExP)).tobytes())
+    dev = jax.devices()
+    h.update(json.dumps([POOL_CACHE_VERSION, self.ecfg.ref_samples_per_prompt, self.ecfg.seed,
+                         self.resp_len, dev[0].platform, len(dev), jax.__version__]).encode())
+    return h.hexdigest()[:16]
+
+  def _pool_path(self) -> str:
+    return os.path.join(self.pool_cache, f"pool-{self._pool_key()}.npz")
+
+  def _load_pool(self):
+    """The cached ``(gold, length, eos, parts)`` host arrays, or None (absent, unreadable or
+    not this pool: recomputed, never trusted)."""
+    self.pool_cache_hit = None
+    if self.pool_cache is None:
+      return None
+    path = self._pool_path()
+    self.pool_cache_hit = False
+    if not os.path.exists(path):
+      return None
+    try:
+      with np.load(path, allow_pickle=False) as z:
+        if str(z["key"]) != os.path.basename(path)[5:-4]:
+          raise ValueError("key mismatch")
+        e, n = self.prompts_ExP.shape[0], self.ecfg.ref_samples_per_prompt
+        out = tuple(np.asarray(z[k]) for k in ("gold", "length", "eos"))
+        if any(a.shape != (e, n) for a in out):
+          raise ValueError(f"shapes {[a.shape for a in out]} != {(e, n)}")
+        parts = {k[len("part__"):].replace("__", "/"): np.asarray(z[k])
+                 for k in z.files if k.startswith("part__")}
+    except Exception as err:   # a damaged cache costs a recomputation, never a wrong baseline
+      logging.warning("ignoring π_ref pool cache %s (%s); recomputing it", path, err)
+      return None
+    self.pool_cache_hit = True
+    return out + (parts,)
+
+  def _save_pool(self, gold, length, eos, parts) -> None:
+    if self.pool_cache is None or jax.process_index() != 0:
+      return
+    path = self._pool_path()
+    arrays = {"gold": distributed.to_host(gold), "length": distributed.to_host(length),
+              "eos": distributed.to_host(eos), "key": np.asarray(os.path.basename(path)[5:-4])}
+    arrays.update({"part__" + k.replace("/", "__"): distributed.to_host(v)
+                   for k, v in parts.items()})
+    try:
+      os.makedirs(self.pool_cache, exist_ok=True)
+      tmp = f"{path}.tmp-{os.getpid()}"
+      with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+      os.replace(tmp, path)
+    except OSError as err:      # a read-only or full disk: the run goes on without a cache
+      logging.warning("could not cache the π_ref pool at %s (%s)", path, err)
 
   def _sample_pool(self):
     key = jax.random.fold_in(jax.random.key(self.ecfg.seed), _REF_STREAM)
