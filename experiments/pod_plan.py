@@ -5,13 +5,21 @@ For ``configs/pod_sweep.py`` (offline GPO on the ``large`` lab) this script comp
 the run's shardings, so nothing of pod size is ever allocated):
 
 * the **train step** exactly as ``gpo_jax.run.loop.setup`` builds it: the algorithm's
-  ``loss_fn``, ``engine.program.make_train_step`` with the config's member layout,
+  ``loss_fn`` wrapped by ``engine.program.place_on_data`` (each member's batch on the
+  ``data`` axis; weights gathered over ``data`` at use under presets whose ``embed`` rule is
+  ``data``), ``engine.program.make_train_step`` with the config's member layout,
   ``program.state_shardings`` and ``program.jit_train_step`` (with ``compiler_options=None``,
   what a TPU/GPU mesh gets: ``gpo_jax.runtime.cpu.compiler_options`` returns None off CPU);
 * the **evaluation**: ``gpo_jax.evaluation.policy.Evaluator._eval_all`` (member sampling
   with the KV cache, policy and π_ref log-probs, gold scoring, the offline diagnostics on
-  held-out pairs), jitted as the Evaluator jits it, on an Evaluator whose constants are
-  abstract (built without a lab: its ``__init__`` places concrete arrays on devices);
+  held-out pairs; members regrouped ``[sweep, M/sweep]`` by ``Evaluator._by_device`` so each
+  device of the sweep axis evaluates its own), jitted as the Evaluator jits it, on an
+  Evaluator whose constants are abstract (built without a lab: its ``__init__`` places
+  concrete arrays on devices) and whose sharding is the replicated one on the run's mesh;
+
+``--baseline-old`` also compiles ``<preset>+old`` cases, the code before commit 0c997c6 (no
+``place_on_data``; the evaluator forced to one member group, i.e. a ``lax.map`` over all
+members on every device), at the largest device and member count, for a before/after table;
 
 for every sharding preset × simulated device count × member count, each device count in its
 own subprocess with ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` set before JAX is
@@ -27,6 +35,7 @@ would do (they fuse, schedule and pick collective algorithms differently).
 Run from the repository root::
 
   python experiments/pod_plan.py            # writes experiments/POD_PLAN.md and pod_plan.json
+  python experiments/pod_plan.py --baseline-old   # + the pre-0c997c6 programs at 256 devices
   python experiments/pod_plan.py --quick    # 64 devices, 64 members only (the test uses it)
 """
 
@@ -82,10 +91,9 @@ MESHES = {
     64: {"dp": (8, 8, 1), "fsdp": (8, 8, 1), "fsdp_tp": (8, 4, 2)},
 }
 PRESETS = ("dp", "fsdp", "fsdp_tp")
-#: proposed variants (not the repository's code): the preset plus the per-member batch
-#: constrained to the ``data`` axis (fsdp: weights gathered at use) and the evaluator run
-#: per member group of the ``sweep`` axis; largest member count only
-VARIANTS = ("dp+batch", "fsdp+batch")
+#: ``<preset>+old``: the programs as they were before commit 0c997c6 (train step without
+#: ``program.place_on_data``; evaluator with one member group); for comparison only
+OLD = "old"
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
                "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8,
@@ -302,7 +310,7 @@ def _load_pod_config(mesh_shape):
 
 
 def build_programs(config, preset: str, n_members: int, *, with_eval: bool = True,
-                   mesh=None, batch_over_data: bool = False,
+                   mesh=None, old: bool = False,
                    platform_default_options: bool = False):
   """The run's jitted train step (and evaluator) with abstract, sharded arguments.
 
@@ -310,12 +318,15 @@ def build_programs(config, preset: str, n_members: int, *, with_eval: bool = Tru
   ``nnx.eval_shape`` of the lab config's policy shape, the training arrays and evaluator
   constants are ``ShapeDtypeStruct``s with the shapes a built lab has.
 
-  ``batch_over_data=True`` compiles variants that are *not* the repository's code: the
-  algorithm's loss with every per-member batch array constrained to the ``data`` mesh axis
-  (``with_sharding_constraint`` inside the member vmap, whose member dimension stays
-  unconstrained; under fsdp presets the weights are also gathered at use), i.e. what
-  ``make_train_step`` would do if it placed the gathered batch; and the evaluator run per
-  member group of the ``sweep`` axis (:func:`_grouped_eval`).
+  The loss is wrapped by ``program.place_on_data`` exactly as ``loop.setup`` wraps it (the
+  params' shardings passed when the preset's ``embed`` rule is ``data``), and the evaluator
+  is an ``Evaluator`` whose sharding is replicated on ``mesh``, so ``_eval_all`` regroups the
+  members over the sweep axis as in a run.
+
+  ``old=True`` compiles the code before commit 0c997c6, for comparison only: the loss
+  without ``place_on_data`` and the evaluator with ``_pool_groups`` forced to 1 (one member
+  group: ``_eval_all`` and ``_offline_log_ratios`` become the single ``lax.map`` over all
+  members they were).
 
   ``platform_default_options=True`` jits the step with ``jit_train_step``'s default
   compiler options for the mesh's platform (on a CPU mesh: the XLA:CPU options), as the run
@@ -357,8 +368,9 @@ def build_programs(config, preset: str, n_members: int, *, with_eval: bool = Tru
   state_sh = program.state_shardings(abstract, mesh, preset)
   report = sharding.check_replication(abstract, state_sh, mesh, preset)
   loss_fn = algo.loss_fn(graphdef, rest, members, config)
-  if batch_over_data:
-    loss_fn = _batch_over_data(loss_fn, mesh, gather_weights=preset != "dp")
+  gather = sharding.get_preset(preset).rules.get("embed") == sharding.DATA
+  if not old:   # as gpo_jax.run.loop.setup does
+    loss_fn = program.place_on_data(loss_fn, mesh, state_sh["params"] if gather else None)
   step = program.make_train_step(loss_fn, tcfg,
                                  member_groups=int(mesh.shape[sharding.SWEEP]),
                                  member_chunk=config_lib.member_chunk(config))
@@ -392,7 +404,9 @@ def build_programs(config, preset: str, n_members: int, *, with_eval: bool = Tru
           "replicated_fraction": float(report.fraction), "state_bytes_global": int(state_bytes),
           "policy_params": int(n_params), "batch_size": tcfg.batch_size,
           "seq_len_train": c_len + t_len - 1, "n_train": lab.n_train_pairs,
-          "member_chunk": config_lib.member_chunk(config)}
+          "member_chunk": config_lib.member_chunk(config), "place_on_data": not old,
+          "weights_gathered_at_use": bool(gather and not old
+                                          and int(mesh.shape[sharding.DATA]) > 1)}
   out = {"train": (jitted, (state_abs, hp, data)), "eval": None, "meta": meta}
   if not with_eval:
     return out
@@ -410,7 +424,9 @@ def build_programs(config, preset: str, n_members: int, *, with_eval: bool = Tru
   ev = object.__new__(policy.Evaluator)   # __init__ would place concrete arrays on devices
   ev.ecfg, ev.graphdef, ev.rest, ev.gold_fn = ecfg, graphdef, rest, gold_fn
   ev.resp_len, ev.length_normalize = t_len, bool(config.train.length_normalize)
-  ev.proxy, ev.sharding = None, repl
+  ev.proxy, ev.sharding = None, repl   # loop.py passes the replicated sharding of the mesh
+  if old:
+    ev._pool_groups = lambda e: 1   # before 0c997c6: one lax.map over all members
 
   def abstract_rep(tree):
     return jax.tree.map(lambda x: sds(np.shape(x), x.dtype), tree)
@@ -423,61 +439,13 @@ def build_programs(config, preset: str, n_members: int, *, with_eval: bool = Tru
          "ref_gold_E": sds((e,), jnp.float32), "prompts": sds((e, c_len), jnp.int32),
          "test": pairs(min(n_test, lab.n_test_pairs))}
   step_arg = jax.ShapeDtypeStruct((), jnp.int32)
-  eval_fn = _grouped_eval(ev._eval_all, mesh) if batch_over_data else ev._eval_all
-  out["eval"] = (jax.jit(eval_fn), (state_abs["params"], hp, step_arg, aux))
+  out["eval"] = (jax.jit(ev._eval_all), (state_abs["params"], hp, step_arg, aux))
   meta.update(eval_prompts=e, samples_per_prompt=ecfg.samples_per_prompt,
               eval_test_pairs=min(n_test, lab.n_test_pairs), eval_member_chunk=ecfg.member_chunk,
+              eval_member_groups=int(ev._pool_groups(int(members.size))),
               eval_every=int(config.eval.every), gold_params=int(sum(
                   math.prod(x.shape) for x in jax.tree.leaves(gstate))))
   return out
-
-
-def _batch_over_data(loss_fn, mesh, gather_weights: bool):
-  """The loss with its per-member batch placed over the ``data`` axis (a proposed change).
-
-  With ``gather_weights`` (for the fsdp presets) the member's weights are also constrained
-  to be whole inside the loss: the stored state stays sharded, each use all-gathers it and
-  the gradient is reduce-scattered back (the FSDP pattern), instead of splitting the
-  matmuls' contraction over ``data`` and all-reducing activations.
-  """
-  import jax
-  from jax.sharding import NamedSharding, PartitionSpec
-  from gpo_jax.engine import program
-  spec = NamedSharding(mesh, PartitionSpec("data"))
-  whole = NamedSharding(mesh, PartitionSpec())
-
-  def loss(params, batch, hp, key):
-    batch = {k: v if k == program.SHARED or getattr(v, "ndim", 0) < 1
-             else jax.lax.with_sharding_constraint(v, spec) for k, v in batch.items()}
-    if gather_weights:
-      params = jax.tree.map(lambda w: jax.lax.with_sharding_constraint(w, whole), params)
-    return loss_fn(params, batch, hp, key)
-  return loss
-
-
-def _grouped_eval(eval_all, mesh):
-  """``Evaluator._eval_all`` run per member group of the ``sweep`` axis (a proposed change).
-
-  The repository's evaluator ``lax.map``s over all members; the members' parameters are
-  sharded over ``sweep``, so every chunk is gathered and evaluated by every device. Here the
-  members are regrouped ``[sweep, M / sweep]`` (as ``engine.program.map_members`` does for
-  the train step), the groups vmapped with the group axis placed on ``sweep``, and each
-  device runs ``_eval_all`` on its own members only. Same per-member results.
-  """
-  import jax
-  from jax.sharding import NamedSharding, PartitionSpec
-  from gpo_jax.runtime import sharding
-  groups = int(mesh.shape[sharding.SWEEP])
-  over = NamedSharding(mesh, PartitionSpec(sharding.SWEEP))
-
-  def fn(params_M, hparams, step, aux):
-    m = hparams["beta"].shape[0]
-    split = lambda x: jax.lax.with_sharding_constraint(  # noqa: E731
-        x.reshape((groups, m // groups) + x.shape[1:]), over)
-    out = jax.vmap(lambda p, h: eval_all(p, h, step, aux))(
-        jax.tree.map(split, params_M), jax.tree.map(split, hparams))
-    return jax.tree.map(lambda x: x.reshape((m,) + x.shape[2:]), out)
-  return fn
 
 
 def analytic_flops(config, n_members: int) -> dict:
@@ -529,7 +497,7 @@ def _memory(compiled) -> dict:
 
 
 def compile_case(name: str, mesh_shape, n_members: int, with_eval: bool) -> dict:
-  """Compiles one case; ``name`` is a preset, or ``<preset>+batch`` for the proposed variant."""
+  """Compiles one case; ``name`` is a preset, or ``<preset>+old`` for the pre-0c997c6 code."""
   import jax
   preset, _, variant = name.partition("+")
   config = _load_pod_config(mesh_shape)
@@ -537,7 +505,7 @@ def compile_case(name: str, mesh_shape, n_members: int, with_eval: bool) -> dict
     config.mesh.preset = preset
   t0 = time.time()
   progs = build_programs(config, preset, n_members, with_eval=with_eval,
-                         batch_over_data=variant == "batch")
+                         old=variant == OLD)
   res = {**progs["meta"], "preset": name, "variant": variant or None,
          "mesh_shape": list(mesh_shape),
          "analytic_flops": analytic_flops(config, n_members), "programs": {}}
@@ -571,7 +539,7 @@ def worker(args) -> None:
   for preset in args.presets.split(","):
     for m in sizes:
       if "+" in preset and m != max(sizes):
-        continue   # proposed variants: train step at the largest member count only
+        continue   # the old code: largest member count only
       res = compile_case(preset, MESHES[n][preset.split("+")[0]], m,
                          with_eval=not args.no_eval)
       print("CASE " + json.dumps(res), flush=True)
@@ -712,7 +680,11 @@ def write_report(result: dict, md_path: str) -> None:
     "). Two programs per case, both jitted and compiled ahead of time on "
     "`jax.ShapeDtypeStruct` arguments that carry the run's shardings:")
   w("")
-  w("- **train**: the step `gpo_jax.run.loop.setup` builds: the GPO `loss_fn`, "
+  w("- **train**: the step `gpo_jax.run.loop.setup` builds: the GPO `loss_fn` wrapped by "
+    "`engine.program.place_on_data` (every per-member batch array constrained to "
+    "`PartitionSpec('data')`; under `fsdp`/`fsdp_tp`, whose `embed` rule is `data`, each "
+    "weight constrained to its stored sharding minus `data` at use, so it is all-gathered over "
+    "`data` and keeps its `model` split), "
     "`engine.program.make_train_step`, `program.state_shardings` (+ `sharding.check_replication`), "
     "`program.jit_train_step(..., compiler_options=None)` — None is what a TPU/GPU mesh gets; "
     "the CPU-only YNNPACK option is left out. Arguments: the stacked state (params + Adam "
@@ -723,8 +695,13 @@ def write_report(result: dict, md_path: str) -> None:
       f"{c0.get('eval_prompts')} prompts × {c0.get('samples_per_prompt')} samples per member "
       "with the KV-cache sampler, policy and π_ref log-probs (exact KL), the gold network plus "
       f"coherence tables, the offline diagnostics on {c0.get('eval_test_pairs')} held-out pairs; "
-      f"`lax.map` over members in chunks of {c0.get('eval_member_chunk')}. The Evaluator object "
-      "is made without `__init__` (which would place concrete arrays on devices) and given "
+      "members regrouped by `Evaluator._by_device` into `[sweep, M/sweep]` with the groups "
+      "vmapped on the `sweep` axis, each group a `lax.map` over its members in chunks of "
+      f"min({c0.get('eval_member_chunk')}, M/sweep) (so each device of the sweep axis evaluates "
+      "only its own members; the offline log-ratios likewise). The Evaluator object "
+      "is made without `__init__` (which would place concrete arrays on devices), given the "
+      "replicated sharding of the run's mesh (what `loop.py` passes, and what `_by_device` reads "
+      "the sweep axis from) and "
       "abstract constants with the lab's shapes; the gold normalisers are scalars fixed at 0/1 "
       "(values, not shapes). The π_ref pool (`Evaluator.reference`, once per run) is not compiled.")
   w("")
@@ -734,11 +711,12 @@ def write_report(result: dict, md_path: str) -> None:
     + f". Member counts: {', '.join(str(v) for v in sorted({c['members'] for c in cases}))}; "
       f"pod_sweep's full grid is {len(sw.families) * len(sw.beta_effs) * len(sw.seeds) * len(sw.data_sizes) * len(sw.lrs) * len(sw.gammas)} "
       f"members ({len(sw.families)} families × {len(sw.beta_effs)} β × {len(sw.seeds)} seeds × "
-      f"{len(sw.data_sizes)} data sizes), smaller counts are its first members. Variants named "
-      "`<preset>+batch` are **not the repository's code**: the proposed changes described in "
-      "\"What the compiled programs say\" (train step with the per-member batch over `data`, "
-      "fsdp weights gathered at use; evaluator per member group of `sweep`), compiled at the "
-      "largest member count only.")
+      f"{len(sw.data_sizes)} data sizes), smaller counts are its first members."
+    + (" Cases named `<preset>+old` are the repository's code **before commit 0c997c6**, "
+       "compiled for comparison only (`--baseline-old`: the loss without `place_on_data`, the "
+       "evaluator with one member group, i.e. a `lax.map` over all members on every device), "
+       "at the largest device and member count." if any(c.get("variant") for c in cases)
+       else ""))
   w("")
   w("**All numbers below are XLA:CPU's** (`--xla_force_host_platform_device_count`): the "
     "SPMD partitioning is the one any backend would start from, but memory, FLOP and byte "
@@ -833,118 +811,280 @@ def write_report(result: dict, md_path: str) -> None:
     f.write("\n".join(L) + "\n")
 
 
+def _find(cases, devices, preset, members):
+  return next((c for c in cases if c["devices"] == devices and c["preset"] == preset
+               and c["members"] == members), None)
+
+
+def _coll_bytes(prog) -> float:
+  return sum(v["bytes_executed"] for v in prog["hlo"]["collectives"].values())
+
+
+def _redundancy(c, kind) -> float:
+  a = c["analytic_flops"]["train_step" if kind == "train" else "eval"]
+  return c["programs"][kind]["hlo"]["dot_flops_executed"] * c["devices"] / a
+
+
+def _peak(c, kind) -> float:
+  return c["programs"][kind]["memory"]["peak_estimate_bytes"]
+
+
+def _best(cases, n, m, chip, pred):
+  """(policy updates/s, case) of the fastest case that fits the chip's HBM, or None."""
+  opts = [(c["estimates"][chip]["train"]["policy_updates_per_s"], c) for c in cases
+          if c["devices"] == n and c["members"] == m and pred(c)
+          and "train" in c["estimates"].get(chip, {})
+          and c["estimates"][chip]["train"]["fits_hbm"]]
+  return max(opts, key=lambda t: t[0]) if opts else None
+
+
+def _best_line(hit, chip) -> str:
+  if not hit:
+    return "no preset's train step fits in HBM (CPU-proxy memory)"
+  e = hit[1]["estimates"][chip]
+  return (f"best preset `{hit[1]['preset']}` ≈ {hit[0]:,.0f} policy updates/s (train step "
+          f"only; {e['train']['bottleneck']}-bound, MFU {100 * e['train']['mfu']:.1f} %"
+          + (f"; {e['train_with_eval_updates_per_s']:,.0f}/s with its evaluation every "
+             f"{hit[1].get('eval_every', 250)} steps"
+             + ("" if e["eval"]["fits_hbm"] else ", but the evaluation exceeds HBM")
+             if "train_with_eval_updates_per_s" in e else "") + ")")
+
+
 def findings(result: dict) -> list[str]:
-  """Plain statements computed from the cases (no hand-written numbers)."""
+  """Statements computed from the cases (no hand-written numbers)."""
   out = ["## Headline (estimates)", ""]
   cases = result["cases"]
+  has_old = any(c.get("variant") == OLD for c in cases)
   for n in sorted({c["devices"] for c in cases}):
     m = max(c["members"] for c in cases if c["devices"] == n)
     for chip in HARDWARE:
-      def best(pred):
-        opts = [(c["estimates"][chip]["train"]["policy_updates_per_s"], c) for c in cases
-                if c["devices"] == n and c["members"] == m and pred(c)
-                and "train" in c["estimates"].get(chip, {})
-                and c["estimates"][chip]["train"]["fits_hbm"]]
-        return max(opts, key=lambda t: t[0]) if opts else None
-      repo = best(lambda c: not c.get("variant"))
-      prop = best(lambda c: bool(c.get("variant")))
-      line = f"- {n} × {chip}, {m} members: "
-      if repo:
-        e = repo[1]["estimates"][chip]
-        line += (f"best repository preset `{repo[1]['preset']}` ≈ {repo[0]:,.0f} policy "
-                 f"updates/s (train step only; {e['train']['bottleneck']}-bound, MFU "
-                 f"{100 * e['train']['mfu']:.1f} %"
-                 + (f"; {e['train_with_eval_updates_per_s']:,.0f}/s with its evaluation"
-                    if "train_with_eval_updates_per_s" in e else "") + ")")
-      else:
-        line += "no repository preset fits in HBM (CPU-proxy memory)"
-      if prop:
-        line += (f"; proposed `{prop[1]['preset']}` ≈ {prop[0]:,.0f}/s "
-                 f"(MFU {100 * prop[1]['estimates'][chip]['train']['mfu']:.1f} %)")
+      line = (f"- {n} × {chip}, {m} members: "
+              + _best_line(_best(cases, n, m, chip, lambda c: not c.get("variant")), chip))
+      if has_old and any(c.get("variant") == OLD and c["devices"] == n for c in cases):
+        old = _best(cases, n, m, chip, lambda c: c.get("variant") == OLD)
+        line += ("; before 0c997c6: " + (f"`{old[1]['preset']}` ≈ {old[0]:,.0f}/s (MFU "
+                 f"{100 * old[1]['estimates'][chip]['train']['mfu']:.1f} %)" if old
+                 else "no preset fitted"))
       out.append(line + ".")
   config = _load_pod_config(MESHES[256]["fsdp"])
   steps, every = int(config.train.steps), int(config.eval.every)
-  pod = [c for c in cases if c["devices"] == 256 and c["preset"] == config.mesh.preset
-         and c["members"] == max(x["members"] for x in cases if x["devices"] == 256)
-         and "eval" in c["programs"]]
-  if pod:
-    c = pod[0]
-    out += ["", f"pod_sweep as configured ({c['devices']} devices, `{c['preset']}` "
-            f"{tuple(c['mesh_shape'])}, {c['members']} members, {steps} steps, evaluation every "
-            f"{every} steps and at the end): estimated wall time of training plus evaluations "
-            "(no lab build, checkpoints or host work):", ""]
-    n_evals = steps // every + 1
-    for chip, est in c["estimates"].items():
+  n_evals = steps // every + 1
+  m256 = max((x["members"] for x in cases if x["devices"] == 256), default=None)
+  pod = _find(cases, 256, config.mesh.preset, m256)
+  if pod and "eval" in pod["programs"]:
+    old = _find(cases, 256, f"{config.mesh.preset}+{OLD}", m256)
+    out += ["", f"pod_sweep as configured ({pod['devices']} devices, `{pod['preset']}` "
+            f"{tuple(pod['mesh_shape'])}, {pod['members']} members, {steps} steps, evaluation "
+            f"every {every} steps and at the end): estimated wall time of training plus "
+            "evaluations (no lab build, checkpoints or host work)"
+            + (", and the same for the programs before 0c997c6" if old else "") + ":", ""]
+    for chip, est in pod["estimates"].items():
       t = steps * est["train"]["time_s"] + n_evals * est["eval"]["time_s"]
       fits = est["train"]["fits_hbm"] and est["eval"]["fits_hbm"]
-      out.append(f"- {chip}: {t / 60:.0f} min ({steps} × {_fmt_t(est['train']['time_s'])} + "
-                 f"{n_evals} × {_fmt_t(est['eval']['time_s'])})"
-                 + ("" if fits else "; does not fit in HBM by the CPU proxy's memory") + ".")
-  out += ["", "## What the compiled programs say", "",
-          "Read from the compiled HLO and the code (the numbers per case follow):", "",
-          "- **The `data` axis does not split the batch.** `make_train_step` gathers each "
-          "member's batch from the replicated training arrays (`a[idx]`) and nothing places "
-          "it on `data`. Under `dp` every device of a data group then computes the same "
-          "member's whole batch (compiled/ideal matmul FLOPs = the `data` size). Under "
-          "`fsdp`/`fsdp_tp` XLA keeps the weights sharded on `embed` and splits the matmuls' "
-          "contraction over `data`, all-reducing activation-sized partial sums in every layer "
-          "(GBs per step) instead of gathering the small weights. Proposed change (the "
-          "`+batch` variants): constrain the gathered batch to `data` "
-          "(`with_sharding_constraint(batch, P('data'))` inside the member function; the "
-          "member dimension stays on `sweep`) and, under fsdp, constrain the weights to be "
-          "whole at use, so XLA all-gathers weights and reduces gradients (FSDP proper).",
-          "- **The evaluator does not use the `sweep` axis.** `Evaluator._eval_all` "
-          "`lax.map`s over all members of the global `[M, ...]` parameters; each chunk is "
-          "gathered and every device evaluates every chunk. Proposed change: regroup the "
-          "members `[sweep, M/sweep]` and vmap over the groups with the group axis on `sweep` "
-          "(what `map_members` does for the train step, and `_pool_fn` for a proxy-scored "
-          "π_ref pool); the remaining redundancy is the `data`×`model` axes, which the evaluator's "
-          "samples do not use.",
-          ""]
-  for c in cases:
-    if not c.get("variant"):
-      continue
-    base = next((b for b in cases if b["devices"] == c["devices"] and b["members"] == c["members"]
-                 and b["preset"] == c["preset"].split("+")[0]), None)
-    if base is None:
-      continue
-    for kind in ("train", "eval"):
-      p, q = base["programs"].get(kind), c["programs"].get(kind)
-      if not (p and q):
-        continue
-      a = c["analytic_flops"]["train_step" if kind == "train" else "eval"]
-      cb = lambda x: sum(v["bytes_executed"] for v in x["hlo"]["collectives"].values())  # noqa: E731
-      out.append(
-          f"- {kind}, {c['devices']} devices, M={c['members']}: `{base['preset']}` → "
-          f"`{c['preset']}`: collective results {_num(cb(p))}B → {_num(cb(q))}B per device, "
-          f"compiled/ideal matmul FLOPs {p['hlo']['dot_flops_executed'] * c['devices'] / a:.2f}"
-          f" → {q['hlo']['dot_flops_executed'] * c['devices'] / a:.2f}, peak memory "
-          f"{_gb(p['memory']['peak_estimate_bytes'])} → {_gb(q['memory']['peak_estimate_bytes'])}"
-          " GB per device (CPU proxy).")
-  out += ["", "Per case:", ""]
+      line = (f"- {chip}: {t / 60:.0f} min ({steps} × {_fmt_t(est['train']['time_s'])} + "
+              f"{n_evals} × {_fmt_t(est['eval']['time_s'])})"
+              + ("" if fits else "; does not fit in HBM by the CPU proxy's memory"))
+      if old and "eval" in old["programs"]:
+        eo = old["estimates"][chip]
+        to = steps * eo["train"]["time_s"] + n_evals * eo["eval"]["time_s"]
+        line += (f"; before: {to / 60:.0f} min ({steps} × {_fmt_t(eo['train']['time_s'])} + "
+                 f"{n_evals} × {_fmt_t(eo['eval']['time_s'])})"
+                 + ("" if eo["train"]["fits_hbm"] and eo["eval"]["fits_hbm"]
+                    else ", not fitting"))
+      out.append(line + ".")
+  olds = [c for c in cases if c.get("variant") == OLD]
+  if olds:
+    out += ["", "## Before and after commit 0c997c6", "",
+            "The same preset, device count and member count compiled twice: `+old` is the code "
+            "before 0c997c6 (no `place_on_data`; the evaluator as one `lax.map` over all members), "
+            "the plain name is the repository's code now. CPU-proxy numbers per device:", "",
+            "| devices | M | preset | program | peak memory GB (old → now) | collective results "
+            "per step (old → now) | compiled/ideal matmul FLOPs (old → now) | XLA bytes "
+            "accessed (old → now) |",
+            "|---:|---:|---|---|---|---|---|---|"]
+    pairs = []
+    for o in olds:
+      now = _find(cases, o["devices"], o["preset"].split("+")[0], o["members"])
+      if now:
+        pairs.append((o, now))
+    for o, now in pairs:
+      for kind in ("train", "eval"):
+        p, q = o["programs"].get(kind), now["programs"].get(kind)
+        if not (p and q):
+          continue
+        out.append(f"| {o['devices']} | {o['members']} | {now['preset']} | {kind} | "
+                   f"{_gb(_peak(o, kind))} → {_gb(_peak(now, kind))} | "
+                   f"{_num(_coll_bytes(p))}B → {_num(_coll_bytes(q))}B | "
+                   f"{_redundancy(o, kind):.2f} → {_redundancy(now, kind):.2f} | "
+                   f"{_num(p['xla_cost']['bytes_accessed'])}B → "
+                   f"{_num(q['xla_cost']['bytes_accessed'])}B |")
+    out += ["", "Roofline estimates for the same pairs (same assumptions as above; \"no\" marks a "
+            "program whose CPU-proxy peak memory exceeds the chip's HBM):", "",
+            "| devices | M | preset | chip | train step (old → now) | bottleneck (old → now) | "
+            "policy updates/s (old → now) | MFU (old → now) | evaluation (old → now) | "
+            "updates/s incl. evaluation (old → now) | fits HBM train/eval (old → now) |",
+            "|---:|---:|---|---|---|---|---|---|---|---|---|"]
+    yn = lambda b: "yes" if b else "no"  # noqa: E731
+    for o, now in pairs:
+      for chip in HARDWARE:
+        a, b = o["estimates"][chip], now["estimates"][chip]
+        if "train" not in a or "train" not in b:
+          continue
+        ev = "eval" in a and "eval" in b
+        out.append(
+            f"| {o['devices']} | {o['members']} | {now['preset']} | {chip} | "
+            f"{_fmt_t(a['train']['time_s'])} → {_fmt_t(b['train']['time_s'])} | "
+            f"{a['train']['bottleneck']} → {b['train']['bottleneck']} | "
+            f"{a['train']['policy_updates_per_s']:,.0f} → {b['train']['policy_updates_per_s']:,.0f}"
+            f" | {100 * a['train']['mfu']:.1f} % → {100 * b['train']['mfu']:.1f} % | "
+            + (f"{_fmt_t(a['eval']['time_s'])} → {_fmt_t(b['eval']['time_s'])} | "
+               f"{a['train_with_eval_updates_per_s']:,.0f} → "
+               f"{b['train_with_eval_updates_per_s']:,.0f} | " if ev else "– | – | ")
+            + f"{yn(a['train']['fits_hbm'])}/{yn(a['eval']['fits_hbm']) if ev else '–'} → "
+            f"{yn(b['train']['fits_hbm'])}/{yn(b['eval']['fits_hbm']) if ev else '–'} |")
+  out += ["", "## What the compiled programs say", ""] + observations(cases) + [""]
+  out += ["Per case:", ""]
   for c in cases:
     tr = c["programs"].get("train")
     if not tr:
       continue
     coll = tr["hlo"]["collectives"]
-    ar = coll["all-reduce"]["bytes_executed"]
-    ag = coll["all-gather"]["bytes_executed"]
     state_dev = c["state_bytes_global"] / c["devices"]
-    red = tr["hlo"]["dot_flops_executed"] * c["devices"] / c["analytic_flops"]["train_step"]
-    out.append(f"- train, {c['devices']} devices, {c['preset']}, M={c['members']}: all-reduce "
-               f"{_num(ar)}B and all-gather {_num(ag)}B of results per device per step "
-               f"(state {_num(state_dev)}B per device if spread evenly); compiled/ideal matmul "
-               f"FLOPs {red:.2f}; peak memory {_gb(tr['memory']['peak_estimate_bytes'])} GB "
-               "per device (CPU proxy).")
+    out.append(f"- train, {c['devices']} devices, {c['preset']}, M={c['members']}: "
+               + ", ".join(f"{op} {_num(coll[op]['bytes_executed'])}B" for op in COLLECTIVES
+                           if coll[op]["count"])
+               + f" of results per device per step (state {_num(state_dev)}B per device if "
+               f"spread evenly); compiled/ideal matmul FLOPs {_redundancy(c, 'train'):.2f}; "
+               f"peak memory {_gb(_peak(c, 'train'))} GB per device (CPU proxy).")
   evs = [c for c in cases if "eval" in c["programs"]]
   if evs:
     out.append("")
     for c in evs:
       p = c["programs"]["eval"]
-      red = p["hlo"]["dot_flops_executed"] * c["devices"] / c["analytic_flops"]["eval"]
-      out.append(f"- eval, {c['devices']} devices, {c['preset']}, M={c['members']}: compiled/"
-                 f"ideal matmul FLOPs {red:.1f} (per device {_num(p['hlo']['dot_flops_executed'])}"
-                 f" vs {_num(c['analytic_flops']['eval'] / c['devices'])} for an even share).")
+      out.append(f"- eval, {c['devices']} devices, {c['preset']}, M={c['members']}"
+                 f" ({c.get('eval_member_groups', '?')} member groups): compiled/ideal matmul "
+                 f"FLOPs {_redundancy(c, 'eval'):.1f} (per device "
+                 f"{_num(p['hlo']['dot_flops_executed'])} vs "
+                 f"{_num(c['analytic_flops']['eval'] / c['devices'])} for an even share); "
+                 f"collective results {_num(_coll_bytes(p))}B; peak memory "
+                 f"{_gb(_peak(c, 'eval'))} GB per device (CPU proxy).")
+  return out
+
+
+#: One-off probe (not part of pod_plan.json): the evaluator of pod_sweep at 256 devices,
+#: 576 members, preset fsdp, recompiled with ``config.eval.member_chunk`` changed; peak
+#: memory per device from ``memory_analysis()`` (XLA:CPU), 2026-11-30, commit 7322296.
+EVAL_CHUNK_PROBE_GB = {4: 37.71, 8: 64.39}
+
+
+def observations(cases: list[dict]) -> list[str]:
+  """The prose of "What the compiled programs say", its numbers read from the cases."""
+  n = max(c["devices"] for c in cases)
+  m = max(c["members"] for c in cases if c["devices"] == n)
+  now = {p: _find(cases, n, p, m) for p in PRESETS}
+  old = {p: _find(cases, n, f"{p}+{OLD}", m) for p in PRESETS}
+  if not all(now.values()) or not all("eval" in c["programs"] for c in now.values()):
+    return ["(the full run's cases are needed for this section)"]
+  coll = lambda c, k, op: c["programs"][k]["hlo"]["collectives"][op]["bytes_executed"]  # noqa: E731
+  red = {p: _redundancy(c, "train") for p, c in now.items()}
+  mem = {p: _peak(c, "train") / 1e9 for p, c in now.items()}
+  ered = [_redundancy(c, "eval") for c in now.values()]
+  emem = [_peak(c, "eval") / 1e9 for c in now.values()]
+  groups = now["fsdp"].get("eval_member_groups", 1)
+  hbm = {k: v["hbm_GB"] for k, v in HARDWARE.items()}
+  fits_train = [k for k in HARDWARE if all(x <= hbm[k] for x in mem.values())]
+  fits_eval = [k for k in HARDWARE if max(emem) <= hbm[k]]
+  chips = list(HARDWARE)
+  tr_time = lambda c, k: c["estimates"][k]["train"]["time_s"]  # noqa: E731
+  fsdp_best = all(tr_time(now["fsdp"], k) <= min(tr_time(c, k) for c in now.values())
+                  for k in chips)
+  by_chunk = defaultdict(list)
+  for c in cases:
+    if not c.get("variant") and "eval" in c["programs"]:
+      k = min(c.get("eval_member_chunk", 16), c["members"] // max(c.get("eval_member_groups", 1), 1))
+      by_chunk[k].append(_peak(c, "eval") / 1e9)
+  rng = lambda xs, f: (f"{min(xs):{f}}" if f"{min(xs):{f}}" == f"{max(xs):{f}}"  # noqa: E731
+                       else f"{min(xs):{f}}–{max(xs):{f}}")
+  probe_fits = {k: [h for h in chips if v <= hbm[h]] for k, v in EVAL_CHUNK_PROBE_GB.items()}
+  bott = {(k, kind) for c in now.values() for k in chips
+          for kind in ("train", "eval") if c["estimates"][k][kind]["bottleneck"] != "HBM"}
+  comp_h200 = now["fsdp"]["estimates"]["H200 SXM"]["train"]
+  old_txt = lambda f: (f" (before 0c997c6: {f()})" if all(old.values()) else "")  # noqa: E731
+  out = [
+      f"At {n} devices and {m} members unless stated; all CPU-proxy numbers; the per-case lines "
+      "below give the rest.", "",
+      f"- **The train step now splits each member's batch over `data`.** Compiled/ideal matmul "
+      f"FLOPs are {red['dp']:.2f} (`dp`), {red['fsdp']:.2f} (`fsdp`), {red['fsdp_tp']:.2f} "
+      "(`fsdp_tp`)"
+      + old_txt(lambda: ", ".join(f"{_redundancy(old[p], 'train'):.2f}" for p in PRESETS))
+      + f"; peak memory per device {mem['dp']:.1f} / {mem['fsdp']:.1f} / {mem['fsdp_tp']:.1f} GB"
+      + old_txt(lambda: " / ".join(f"{_peak(old[p], 'train') / 1e9:.1f}" for p in PRESETS))
+      + ", so the train step fits " + (", ".join(fits_train) or "no chip") + ". "
+      f"`dp` all-reduces the gradients over the 8 `data` devices "
+      f"({_num(coll(now['dp'], 'train', 'all-reduce'))}B of results per device per step); "
+      f"`fsdp` all-gathers the weights at use ({_num(coll(now['fsdp'], 'train', 'all-gather'))}B) "
+      f"and all-reduces the gradients ({_num(coll(now['fsdp'], 'train', 'all-reduce'))}B)"
+      + old_txt(lambda: f"activation-sized all-reduces of "
+                f"{_num(coll(old['fsdp'], 'train', 'all-reduce'))}B") + ". XLA:CPU writes "
+      "the gradient reduction as an all-reduce (no reduce-scatter appears in the HLO), which "
+      "sends about twice the bytes a reduce-scatter would; collectives are not the bottleneck "
+      "of any train estimate, so this does not change the numbers above.",
+      f"- **`fsdp_tp` costs more than it saves.** Its `model` axis of 2 adds tensor-parallel "
+      f"all-reduces of activations: {_num(coll(now['fsdp_tp'], 'train', 'all-reduce'))}B of "
+      f"all-reduce results per device per step against `fsdp`'s "
+      f"{_num(coll(now['fsdp'], 'train', 'all-reduce'))}B, and more bytes accessed, for no "
+      "memory gain (the train step already fits). "
+      + ("`fsdp` (pod_sweep's preset) has the shortest estimated train step on every chip"
+         if fsdp_best else "`fsdp` is not the fastest preset on every chip")
+      + (", where before 0c997c6 `fsdp_tp` did." if all(old.values()) else "."),
+      f"- **The evaluator now uses the `sweep` axis.** `_by_device` gives each of the "
+      f"{groups} sweep devices its {m // max(groups, 1)} members: compiled/ideal matmul FLOPs "
+      f"{rng(ered, '.1f')}"
+      + old_txt(lambda: ", ".join(f"{_redundancy(old[p], 'eval'):.0f}" for p in PRESETS))
+      + "; collective results per evaluation "
+      + ", ".join(f"{_num(_coll_bytes(now[p]['programs']['eval']))}B (`{p}`)" for p in PRESETS)
+      + old_txt(lambda: ", ".join(f"{_num(_coll_bytes(old[p]['programs']['eval']))}B" for p in PRESETS))
+      + ". **Remaining problem:** the factor left is ≈ data × model = 8 (the rest is the "
+      "ideal count's simplifications): nothing splits a member's prompts × samples, gold "
+      "scoring or offline pairs over `data`/`model`, so the 8 devices of a (data, model) group "
+      "all evaluate the same members in full. Constraining the evaluator's per-member sample "
+      "batch to `data` (as `place_on_data` does for the train batch) would cut its per-device "
+      "FLOPs and bytes by up to that factor (estimate; not in the repository's code).",
+      f"- **The evaluator's memory is now the binding constraint.** Its peak per device is "
+      f"{rng(emem, '.0f')} GB (all presets), above the HBM of "
+      + (", ".join(k for k in chips if k not in fits_eval) or "no chip")
+      + old_txt(lambda: ", ".join(f"{_peak(old[p], 'eval') / 1e9:.0f}" for p in PRESETS) + " GB")
+      + ". It follows the members one device evaluates at a time, min(`eval.member_chunk`, "
+      "M/sweep): " + "; ".join(f"{k} members → {rng(v, '.0f')} GB"
+                               for k, v in sorted(by_chunk.items()))
+      + " across the compiled cases. A one-off probe (not in `pod_plan.json`; fsdp, "
+      "256 devices, 576 members) with pod_sweep's `eval.member_chunk` lowered: "
+      + ", ".join(f"{k} → {v:.1f} GB" for k, v in sorted(EVAL_CHUNK_PROBE_GB.items()))
+      + (". The old program's lower peak came with "
+         + rng([_redundancy(o, "eval") for o in old.values()], ".0f")
+         + "× repeated work." if all(old.values()) else "."),
+      "- **Every estimate is HBM-bound** by XLA:CPU's bytes-accessed count"
+      + (f" except {', '.join(f'{k} {kind}' for k, kind in sorted(bott))}" if bott else "")
+      + f": e.g. `fsdp` on H200, compute {_fmt_t(comp_h200['t_compute_s'])}, HBM "
+      f"{_fmt_t(comp_h200['t_hbm_s'])}, collectives {_fmt_t(comp_h200['t_collectives_s'])} per "
+      "step. XLA:CPU fuses less than the TPU/GPU compilers, so the HBM times are pessimistic "
+      "and the MFUs low bounds; with perfect fusion the train step would be compute-bound at "
+      "the compute column's time.",
+      "",
+      "## Recommendations (from the estimates above; to be checked on an accelerator)",
+      "",
+      f"- Keep `fsdp` for pod_sweep: its train step is the cheapest by every estimate and "
+      f"needs {mem['fsdp']:.1f} GB per device.",
+      "- Lower pod_sweep's `eval.member_chunk` before a pod run: at 16 the evaluator does not "
+      "fit any of the four chips by the CPU proxy; "
+      + "; ".join(f"{k} ({v:.0f} GB) fits " + (", ".join(probe_fits[k]) or "none")
+                  for k, v in sorted(EVAL_CHUNK_PROBE_GB.items(), reverse=True))
+      + (". v5e (16 GB) needs the evaluator's samples split over `data` as well"
+         if "TPU v5e" not in probe_fits[min(EVAL_CHUNK_PROBE_GB)] else "") + ". Smaller chunks "
+      "mean more, smaller sequential matmuls; their time was not estimated here.",
+      "- Split the evaluator's per-member work over `data` (the remaining ≈8× repetition); "
+      "that is a change to `gpo_jax/evaluation/policy.py`, not made here.",
+  ]
   return out
 
 
@@ -1007,8 +1147,12 @@ def main(argv=None) -> dict:
   ap.add_argument("--devices", default="64,256")
   ap.add_argument("--members", default="64,576")
   ap.add_argument("--presets", default=None,
-                  help="comma-separated presets, and <preset>+batch for the proposed variants "
-                       f"(default {','.join(PRESETS + VARIANTS)}; --quick: {','.join(PRESETS)})")
+                  help="comma-separated presets, <preset>+old for the pre-0c997c6 programs "
+                       f"(default {','.join(PRESETS)})")
+  ap.add_argument("--baseline-old", action="store_true",
+                  help="also compile <preset>+old (the code before commit 0c997c6: no "
+                       "place_on_data, one evaluator member group) for every preset at the "
+                       "largest device and member count, for a before/after comparison")
   ap.add_argument("--no-eval", action="store_true", help="compile the train step only")
   ap.add_argument("--out", default=os.path.join(REPO, "experiments"),
                   help="directory for POD_PLAN.md and pod_plan.json")
@@ -1034,12 +1178,15 @@ def main(argv=None) -> dict:
     args.devices, args.members = "64", "64"
   devices = [int(v) for v in args.devices.split(",")]
   members = [int(v) for v in args.members.split(",")]
-  presets = (args.presets or ",".join(PRESETS if args.quick else PRESETS + VARIANTS)).split(",")
+  presets = (args.presets or ",".join(PRESETS)).split(",")
   t0 = time.time()
   machine = _machine()
   cases, walls = [], {}
   for n in devices:   # one worker at a time: one heavy process on the machine
-    got, wall = run_worker(n, presets, members, args.no_eval, args.timeout)
+    todo = list(presets)
+    if args.baseline_old and n == max(devices):
+      todo += [f"{p}+{OLD}" for p in presets if "+" not in p and f"{p}+{OLD}" not in todo]
+    got, wall = run_worker(n, todo, members, args.no_eval, args.timeout)
     cases += got
     walls[str(n)] = wall
     print(f"{n} devices: {len(got)} cases in {wall:.0f} s", flush=True)
