@@ -28,8 +28,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       data_sizes=(8192, 0)))          # a data-size axis: 8k pairs vs all 64k
   # member_chunk=0: one wide vmap over each device's members (accelerators want big matmuls).
   c.train.update(dict(steps=5000, batch_size=256, warmup_steps=100, member_chunk=0))
+  # eval.member_chunk=4: members a device evaluates at once. experiments/POD_PLAN.md measured
+  # (XLA:CPU, fsdp, 256 devices, 576 members) 150 GB per device at 16, 64 GB at 8, 38 GB at 4:
+  # only 4 fits an H100/H200/v5p (none fits v5e's 16 GB).
   c.eval.update(dict(every=250, n_prompts=256, samples_per_prompt=8,
-                     ref_samples_per_prompt=256, n_test_pairs=2048, member_chunk=16,
+                     ref_samples_per_prompt=256, n_test_pairs=2048, member_chunk=4,
                      bon_n=(1, 2, 4, 8, 16, 32, 64, 128, 256)))
   c.mesh.update(dict(preset="fsdp", sweep=sweep_n, data=data_n, model=model_n, cpu_devices=0))
   c.checkpoint.update(dict(every=500, keep=3))

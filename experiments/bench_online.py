@@ -584,7 +584,7 @@ def render(res: dict) -> str:
     total = comp["sampling"] + comp["gold"] + comp["fwd_bwd"]
     lines += ["", "## Where the time goes (K=1, parts jitted and timed alone)", "",
               "| part | ms alone | share of the parts | analytic GFLOP/s |", "|---|---:|---:|---:|"]
-    for part, label, f in (("sampling", "sampling: π + π_ref prefill and decode scan",
+    for part, label, f in (("sampling", "sampling: π prefill and decode scan",
                             fl["sampling"]),
                            ("gold", "gold preference (network + coherence terms)", fl["gold_fwd"]),
                            ("fwd_bwd", "π forward + backward, π_ref forward",
@@ -795,7 +795,7 @@ def main(argv=None) -> int:
         f"Largest part of the K=1 step: {part} ({100 * components[part] / total:.0f} % of the "
         f"parts' time). Sampling runs at {fl['sampling'] / components['sampling'] / 1e9:.1f} "
         f"GFLOP/s: {wl.response_len - 1} sequential decode steps of {2 * args.batch_size}-row "
-        "matmuls for π and π_ref, latency- not FLOP-bound.")
+        "matmuls (π alone for online-DPO members), latency- not FLOP-bound.")
   shares = [r.get("other_cpu") for r in by_k.values()] + [trl.get("other_cpu")]
   shares = [x for x in shares if x is not None]
   if shares and max(shares) > 0.1:
