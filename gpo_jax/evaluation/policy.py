@@ -242,7 +242,7 @@ class Evaluator:
           {k: jnp.asarray(v) for k, v in member_sel.table().items()})
     self.ref_proxy_SxE = None
     self.pool_arrays: dict[str, np.ndarray] = {}
-    # ``<dir>/pool-`` prefix of π_ref's cached pool (None: never cached); see reference().
+    # the directory of π_ref's cached pools (None: never cached); see reference().
     self.pool_cache = pool_cache if (proxy is None and ecfg.cache_pool) else None
     self.lab_id = lab_id
     self.pool_cache_hit: bool | None = None
