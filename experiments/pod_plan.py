@@ -1006,6 +1006,7 @@ def observations(cases: list[dict]) -> list[str]:
   rng = lambda xs, f: (f"{min(xs):{f}}" if f"{min(xs):{f}}" == f"{max(xs):{f}}"  # noqa: E731
                        else f"{min(xs):{f}}–{max(xs):{f}}")
   probe_fits = {k: [h for h in chips if v <= hbm[h]] for k, v in EVAL_CHUNK_PROBE_GB.items()}
+  cfg_chunk = max((int(c.get("eval_member_chunk", 16)) for c in cases), default=16)
   bott = {(k, kind) for c in now.values() for k in chips
           for kind in ("train", "eval") if c["estimates"][k][kind]["bottleneck"] != "HBM"}
   comp_h200 = now["fsdp"]["estimates"]["H200 SXM"]["train"]
@@ -1075,8 +1076,12 @@ def observations(cases: list[dict]) -> list[str]:
       "",
       f"- Keep `fsdp` for pod_sweep: its train step is the cheapest by every estimate and "
       f"needs {mem['fsdp']:.1f} GB per device.",
-      "- Lower pod_sweep's `eval.member_chunk` before a pod run: at 16 the evaluator does not "
-      "fit any of the four chips by the CPU proxy; "
+      (f"- pod_sweep evaluates `eval.member_chunk` = {cfg_chunk} members at a time: the "
+       f"evaluator's peak of {rng(emem, '.0f')} GB per device fits "
+       f"{', '.join(fits_eval)} (CPU proxy; at 16 it fitted none of the four chips). Probes: "
+       if fits_eval else
+       f"- Lower pod_sweep's `eval.member_chunk` before a pod run: at {cfg_chunk} the evaluator "
+       "does not fit any of the four chips by the CPU proxy; ")
       + "; ".join(f"{k} ({v:.0f} GB) fits " + (", ".join(probe_fits[k]) or "none")
                   for k, v in sorted(EVAL_CHUNK_PROBE_GB.items(), reverse=True))
       + (". v5e (16 GB) needs the evaluator's samples split over `data` as well"
