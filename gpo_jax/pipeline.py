@@ -172,21 +172,26 @@ def write_compare(config, workdir: str) -> str | None:
   return path
 
 
+def _incontext_lab(config, workdir: str, log):
+  """The pipeline's lab and the directory its retrievals are stored in (beside the lab)."""
+  from gpo_jax import lab as lab_lib
+  lab_root = _lab_root(config, workdir)
+  lab = lab_lib.build_or_load(lab_lib.LabConfig.from_dict(config.lab.to_dict()), lab_root,
+                              log=log)
+  return lab, os.path.join(lab_root, "retrieval", os.path.basename(lab.path))
+
+
 def run_icdpo_pool(config, workdir: str, *, log=print) -> str:
   """ICDPO's score on the proxy setting's π_ref pool (``config.icdpo_pool.run``, an RL run
   with ``bon_pool.npz``): ``<workdir>/icdpo_pool`` (:mod:`gpo_jax.incontext.pool_bon`)."""
-  from gpo_jax import lab as lab_lib
   from gpo_jax.incontext import pool_bon
   out = os.path.join(os.path.abspath(workdir), STAGE_ICDPO_POOL)
   if os.path.exists(os.path.join(out, pool_bon.OUT_JSON)):
     log(f"== stage {STAGE_ICDPO_POOL}: done already ({out})")
     return out
   log(f"== stage {STAGE_ICDPO_POOL} (evaluation on {config.icdpo_pool.run})")
-  lab_root = _lab_root(config, workdir)
-  lab = lab_lib.build_or_load(lab_lib.LabConfig.from_dict(config.lab.to_dict()), lab_root,
-                              log=log)
+  lab, retrieval_dir = _incontext_lab(config, workdir, log)
   c, p = config.icdpo, config.icdpo_pool
-  retrieval_dir = os.path.join(lab_root, "retrieval", os.path.basename(lab.path))
   return pool_bon.run(lab, p.run, out, ks=tuple(p.ks), retrievers=tuple(p.retrievers),
                       contrasts=tuple(p.contrasts), seed=int(c.seed),
                       gold_quantile=float(c.gold_quantile), retrieval_dir=retrieval_dir, log=log)
@@ -195,16 +200,13 @@ def run_icdpo_pool(config, workdir: str, *, log=print) -> str:
 def run_icdpo(config, workdir: str, *, log=print) -> str:
   """The ICDPO stage of the incontext pipeline: an evaluation (no training) written to
   ``<workdir>/icdpo`` (:func:`gpo_jax.incontext.icdpo.save`); skipped when it is there."""
-  from gpo_jax import lab as lab_lib
   from gpo_jax.incontext import icdpo
   out = os.path.join(os.path.abspath(workdir), STAGE_ICDPO)
   if os.path.exists(os.path.join(out, icdpo.INFO_FILE)):
     log(f"== stage {STAGE_ICDPO}: done already ({out})")
     return out
   log(f"== stage {STAGE_ICDPO} (evaluation)")
-  lab_root = _lab_root(config, workdir)
-  lab = lab_lib.build_or_load(lab_lib.LabConfig.from_dict(config.lab.to_dict()), lab_root,
-                              log=log)
+  lab, retrieval_dir = _incontext_lab(config, workdir, log)
   c = config.icdpo
   cfg = icdpo.ICDPOConfig(
       ns=tuple(c.ns), ks=tuple(c.ks), retrievers=tuple(c.retrievers),
@@ -212,6 +214,5 @@ def run_icdpo(config, workdir: str, *, log=print) -> str:
       n_prompts=int(c.n_prompts), pool_per_prompt=int(c.pool_per_prompt),
       ref_samples_per_prompt=int(c.ref_samples_per_prompt), n_test_pairs=int(c.n_test_pairs),
       seed=int(c.seed))
-  retrieval_dir = os.path.join(lab_root, "retrieval", os.path.basename(lab.path))
   result = icdpo.evaluate(lab, cfg, retrieval_dir=retrieval_dir, log=log)
   return icdpo.save(result, out)
