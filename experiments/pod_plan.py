@@ -11,15 +11,16 @@ the run's shardings, so nothing of pod size is ever allocated):
   ``program.state_shardings`` and ``program.jit_train_step`` (with ``compiler_options=None``,
   what a TPU/GPU mesh gets: ``gpo_jax.runtime.cpu.compiler_options`` returns None off CPU);
 * the **evaluation**: ``gpo_jax.evaluation.policy.Evaluator._eval_all`` (member sampling
-  with the KV cache, policy and π_ref log-probs, gold scoring, the offline diagnostics on
-  held-out pairs; members regrouped ``[sweep, M/sweep]`` by ``Evaluator._by_device`` so each
-  device of the sweep axis evaluates its own), jitted as the Evaluator jits it, on an
+  with the KV cache and π_ref beside it, gold scoring, the offline diagnostics on held-out
+  pairs; members regrouped ``[sweep, M/sweep]`` by ``Evaluator._by_device`` so each device
+  of the sweep axis evaluates its own, each member's rows on ``data``), jitted as the Evaluator jits it, on an
   Evaluator whose constants are abstract (built without a lab: its ``__init__`` places
   concrete arrays on devices) and whose sharding is the replicated one on the run's mesh;
 
 ``--baseline-old`` also compiles ``<preset>+old`` cases, the code before commit 0c997c6 (no
 ``place_on_data``; the evaluator forced to one member group, i.e. a ``lax.map`` over all
-members on every device), at the largest device and member count, for a before/after table;
+members on every device, with no rows on ``data`` and its two-pass measurement), at the
+largest device and member count, for a before/after table;
 
 for every sharding preset × simulated device count × member count, each device count in its
 own subprocess with ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` set before JAX is
@@ -43,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import os
@@ -326,7 +328,9 @@ def build_programs(config, preset: str, n_members: int, *, with_eval: bool = Tru
   ``old=True`` compiles the code before commit 0c997c6, for comparison only: the loss
   without ``place_on_data`` and the evaluator with ``_pool_groups`` forced to 1 (one member
   group: ``_eval_all`` and ``_offline_log_ratios`` become the single ``lax.map`` over all
-  members they were).
+  members they were), no member rows on ``data`` and the two-pass measurement
+  (``Evaluator.two_pass``: sample, then π and π_ref over the samples, gold over whole
+  sequences).
 
   ``platform_default_options=True`` jits the step with ``jit_train_step``'s default
   compiler options for the mesh's platform (on a CPU mesh: the XLA:CPU options), as the run
@@ -425,8 +429,12 @@ def build_programs(config, preset: str, n_members: int, *, with_eval: bool = Tru
   ev.ecfg, ev.graphdef, ev.rest, ev.gold_fn = ecfg, graphdef, rest, gold_fn
   ev.resp_len, ev.length_normalize = t_len, bool(config.train.length_normalize)
   ev.proxy, ev.sharding = None, repl   # loop.py passes the replicated sharding of the mesh
+  ev._weights_at_use = None
   if old:
     ev._pool_groups = lambda e: 1   # before 0c997c6: one lax.map over all members
+    ev._data_devices = lambda: 1    # ... with no member's rows on `data`
+  elif int(mesh.shape[sharding.DATA]) > 1:   # as Evaluator.__call__ sets it from the params
+    ev._weights_at_use = program.gathered_at_use(state_sh["params"], mesh)
 
   def abstract_rep(tree):
     return jax.tree.map(lambda x: sds(np.shape(x), x.dtype), tree)
@@ -438,8 +446,13 @@ def build_programs(config, preset: str, n_members: int, *, with_eval: bool = Tru
          "ref_gold": sds((e, ecfg.ref_samples_per_prompt), jnp.float32),
          "ref_gold_E": sds((e,), jnp.float32), "prompts": sds((e, c_len), jnp.int32),
          "test": pairs(min(n_test, lab.n_test_pairs))}
+  aux["gold_prefix"] = None if old else jax.tree.map(
+      lambda x: sds(x.shape, x.dtype),
+      jax.eval_shape(gold_fn.prefix, aux["gold_state"], aux["prompts"]))
   step_arg = jax.ShapeDtypeStruct((), jnp.int32)
-  out["eval"] = (jax.jit(ev._eval_all), (state_abs["params"], hp, step_arg, aux))
+  # before 0c997c6 (old) the evaluator sampled, then ran π and π_ref over the samples again
+  run = functools.partial(ev._eval_all, two_pass=True) if old else ev._eval_all
+  out["eval"] = (jax.jit(run), (state_abs["params"], hp, step_arg, aux))
   meta.update(eval_prompts=e, samples_per_prompt=ecfg.samples_per_prompt,
               eval_test_pairs=min(n_test, lab.n_test_pairs), eval_member_chunk=ecfg.member_chunk,
               eval_member_groups=int(ev._pool_groups(int(members.size))),
@@ -462,19 +475,20 @@ def analytic_flops(config, n_members: int) -> dict:
   n = e * config.eval.samples_per_prompt
   k = min(config.eval.n_test_pairs or lab.n_test_pairs, lab.n_test_pairs)
   chunk = config.eval.member_chunk
-  # decode: every step attends over the sampler's C + T - 1 cache slots
-  # (gpo_jax.core.sampling.sample); prefill and the pair forward (policy and π_ref) over the
-  # real length; gold over context + response.
-  sample = (model_lib.flops_per_token(pcfg, c_len) * c_len
-            + model_lib.flops_per_token(pcfg, c_len + t_len - 1) * (t_len - 1)) * n
-  pair = 2 * model_lib.flops_per_token(pcfg, seq) * seq * n
-  gold = model_lib.flops_per_token(gcfg, c_len + t_len) * (c_len + t_len) * n
+  # The evaluator's path (gpo_jax.evaluation.policy): π and π_ref decode side by side
+  # (sampling.sample_measured), each prompt prefilled once for its samples, every decode step
+  # attending over the sampler's C + T - 1 cache slots; the gold network over the response
+  # positions after the eval contexts' cached states (computed once per run, not counted).
+  sample = 2 * (model_lib.flops_per_token(pcfg, c_len) * c_len * e
+                + model_lib.flops_per_token(pcfg, c_len + t_len - 1) * (t_len - 1) * n)
+  gold = model_lib.flops_per_token(gcfg, c_len + t_len) * t_len * n
   offline = model_lib.flops_per_token(pcfg, seq) * seq * 2 * k * (1 + 1 / chunk)
-  per_member_eval = sample + pair + gold + offline
+  per_member_eval = sample + gold + offline
   return {"train_per_member": float(train), "train_step": float(train * n_members),
           "eval_per_member": float(per_member_eval), "eval": float(per_member_eval * n_members),
-          "eval_parts_per_member": {"sampling": float(sample), "policy+ref forward": float(pair),
-                                    "gold": float(gold), "offline pairs": float(offline)}}
+          "eval_parts_per_member": {"π and π_ref sampled side by side": float(sample),
+                                    "gold (responses)": float(gold),
+                                    "offline pairs": float(offline)}}
 
 
 def _xla_cost(compiled) -> dict:
@@ -693,12 +707,15 @@ def write_report(result: dict, md_path: str) -> None:
     w(f"- **eval**: the whole `Evaluator._eval_all` of `gpo_jax/evaluation/policy.py`, jitted as "
       f"the Evaluator jits it (`jax.jit(self._eval_all)`, shardings from its arguments): "
       f"{c0.get('eval_prompts')} prompts × {c0.get('samples_per_prompt')} samples per member "
-      "with the KV-cache sampler, policy and π_ref log-probs (exact KL), the gold network plus "
-      f"coherence tables, the offline diagnostics on {c0.get('eval_test_pairs')} held-out pairs; "
+      "with the KV-cache sampler, π_ref decoded beside π (exact KL and log-probs along the "
+      "samples; each prompt prefilled once), the gold network over the responses after the "
+      f"contexts' cached states plus coherence tables, the offline diagnostics on "
+      f"{c0.get('eval_test_pairs')} held-out pairs; "
       "members regrouped by `Evaluator._by_device` into `[sweep, M/sweep]` with the groups "
       "vmapped on the `sweep` axis, each group a `lax.map` over its members in chunks of "
       f"min({c0.get('eval_member_chunk')}, M/sweep) (so each device of the sweep axis evaluates "
-      "only its own members; the offline log-ratios likewise). The Evaluator object "
+      "only its own members; the offline log-ratios likewise), each member's sample rows and "
+      "held-out pairs constrained to `data` (`Evaluator._on_data`). The Evaluator object "
       "is made without `__init__` (which would place concrete arrays on devices), given the "
       "replicated sharding of the run's mesh (what `loop.py` passes, and what `_by_device` reads "
       "the sweep axis from) and "
@@ -714,7 +731,8 @@ def write_report(result: dict, md_path: str) -> None:
       f"{len(sw.data_sizes)} data sizes), smaller counts are its first members."
     + (" Cases named `<preset>+old` are the repository's code **before commit 0c997c6**, "
        "compiled for comparison only (`--baseline-old`: the loss without `place_on_data`, the "
-       "evaluator with one member group, i.e. a `lax.map` over all members on every device), "
+       "evaluator with one member group, i.e. a `lax.map` over all members on every device, "
+       "no rows on `data`, and the two-pass measurement it had), "
        "at the largest device and member count." if any(c.get("variant") for c in cases)
        else ""))
   w("")
@@ -896,7 +914,8 @@ def findings(result: dict) -> list[str]:
   if olds:
     out += ["", "## Before and after commit 0c997c6", "",
             "The same preset, device count and member count compiled twice: `+old` is the code "
-            "before 0c997c6 (no `place_on_data`; the evaluator as one `lax.map` over all members), "
+            "before 0c997c6 (no `place_on_data`; the evaluator as one `lax.map` over all members, "
+            "measuring in a second pass), "
             "the plain name is the repository's code now. CPU-proxy numbers per device:", "",
             "| devices | M | preset | program | peak memory GB (old → now) | collective results "
             "per step (old → now) | compiled/ideal matmul FLOPs (old → now) | XLA bytes "
@@ -971,12 +990,6 @@ def findings(result: dict) -> list[str]:
   return out
 
 
-#: One-off probe (not part of pod_plan.json): the evaluator of pod_sweep at 256 devices,
-#: 576 members, preset fsdp, recompiled with ``config.eval.member_chunk`` changed; peak
-#: memory per device from ``memory_analysis()`` (XLA:CPU), 2026-11-30, commit 7322296.
-EVAL_CHUNK_PROBE_GB = {4: 37.71, 8: 64.39}
-
-
 def observations(cases: list[dict]) -> list[str]:
   """The prose of "What the compiled programs say", its numbers read from the cases."""
   n = max(c["devices"] for c in cases)
@@ -1005,7 +1018,6 @@ def observations(cases: list[dict]) -> list[str]:
       by_chunk[k].append(_peak(c, "eval") / 1e9)
   rng = lambda xs, f: (f"{min(xs):{f}}" if f"{min(xs):{f}}" == f"{max(xs):{f}}"  # noqa: E731
                        else f"{min(xs):{f}}–{max(xs):{f}}")
-  probe_fits = {k: [h for h in chips if v <= hbm[h]] for k, v in EVAL_CHUNK_PROBE_GB.items()}
   cfg_chunk = max((int(c.get("eval_member_chunk", 16)) for c in cases), default=16)
   bott = {(k, kind) for c in now.values() for k in chips
           for kind in ("train", "eval") if c["estimates"][k][kind]["bottleneck"] != "HBM"}
@@ -1038,29 +1050,28 @@ def observations(cases: list[dict]) -> list[str]:
       + ("`fsdp` (pod_sweep's preset) has the shortest estimated train step on every chip"
          if fsdp_best else "`fsdp` is not the fastest preset on every chip")
       + (", where before 0c997c6 `fsdp_tp` did." if all(old.values()) else "."),
-      f"- **The evaluator now uses the `sweep` axis.** `_by_device` gives each of the "
-      f"{groups} sweep devices its {m // max(groups, 1)} members: compiled/ideal matmul FLOPs "
+      f"- **The evaluator splits its work over every mesh axis.** `_by_device` gives each of "
+      f"the {groups} sweep devices its {m // max(groups, 1)} members, and each member's sample "
+      "rows and held-out pairs are constrained to `data` (`Evaluator._on_data`, FSDP weights "
+      "gathered at use as in the train step): compiled/ideal matmul FLOPs "
       f"{rng(ered, '.1f')}"
       + old_txt(lambda: ", ".join(f"{_redundancy(old[p], 'eval'):.0f}" for p in PRESETS))
-      + "; collective results per evaluation "
+      + " against the ideal of the evaluator's current path (π and π_ref decoded side by "
+      "side, each prompt prefilled once, the gold over the response positions after cached "
+      "context states; the old program's ratio is against the same ideal, so it includes the "
+      "second pass it also ran); collective results per evaluation "
       + ", ".join(f"{_num(_coll_bytes(now[p]['programs']['eval']))}B (`{p}`)" for p in PRESETS)
       + old_txt(lambda: ", ".join(f"{_num(_coll_bytes(old[p]['programs']['eval']))}B" for p in PRESETS))
-      + ". **Remaining problem:** the factor left is ≈ data × model = 8 (the rest is the "
-      "ideal count's simplifications): nothing splits a member's prompts × samples, gold "
-      "scoring or offline pairs over `data`/`model`, so the 8 devices of a (data, model) group "
-      "all evaluate the same members in full. Constraining the evaluator's per-member sample "
-      "batch to `data` (as `place_on_data` does for the train batch) would cut its per-device "
-      "FLOPs and bytes by up to that factor (estimate; not in the repository's code).",
-      f"- **The evaluator's memory is now the binding constraint.** Its peak per device is "
-      f"{rng(emem, '.0f')} GB (all presets), above the HBM of "
-      + (", ".join(k for k in chips if k not in fits_eval) or "no chip")
+      + ". Under `fsdp_tp` the `model` axis adds activation all-reduces to the evaluation as "
+      "it does to the train step.",
+      f"- **The evaluator's memory.** Its peak per device is {rng(emem, '.0f')} GB (all "
+      "presets), within the HBM of "
+      + (", ".join(fits_eval) or "no chip")
       + old_txt(lambda: ", ".join(f"{_peak(old[p], 'eval') / 1e9:.0f}" for p in PRESETS) + " GB")
       + ". It follows the members one device evaluates at a time, min(`eval.member_chunk`, "
-      "M/sweep): " + "; ".join(f"{k} members → {rng(v, '.0f')} GB"
-                               for k, v in sorted(by_chunk.items()))
-      + " across the compiled cases. A one-off probe (not in `pod_plan.json`; fsdp, "
-      "256 devices, 576 members) with pod_sweep's `eval.member_chunk` lowered: "
-      + ", ".join(f"{k} → {v:.1f} GB" for k, v in sorted(EVAL_CHUNK_PROBE_GB.items()))
+      "M/sweep), and shrinks with the `data` axis: " + "; ".join(
+          f"{k} members → {rng(v, '.0f')} GB" for k, v in sorted(by_chunk.items()))
+      + " across the compiled cases"
       + (". The old program's lower peak came with "
          + rng([_redundancy(o, "eval") for o in old.values()], ".0f")
          + "× repeated work." if all(old.values()) else "."),
@@ -1077,18 +1088,12 @@ def observations(cases: list[dict]) -> list[str]:
       f"- Keep `fsdp` for pod_sweep: its train step is the cheapest by every estimate and "
       f"needs {mem['fsdp']:.1f} GB per device.",
       (f"- pod_sweep evaluates `eval.member_chunk` = {cfg_chunk} members at a time: the "
-       f"evaluator's peak of {rng(emem, '.0f')} GB per device fits "
-       f"{', '.join(fits_eval)} (CPU proxy; at 16 it fitted none of the four chips). Probes: "
+       f"evaluator's peak of {rng(emem, '.0f')} GB per device fits {', '.join(fits_eval)} "
+       "(CPU proxy). A larger chunk means fewer, larger vmapped matmuls and more memory; "
+       "its time was not estimated here."
        if fits_eval else
        f"- Lower pod_sweep's `eval.member_chunk` before a pod run: at {cfg_chunk} the evaluator "
-       "does not fit any of the four chips by the CPU proxy; ")
-      + "; ".join(f"{k} ({v:.0f} GB) fits " + (", ".join(probe_fits[k]) or "none")
-                  for k, v in sorted(EVAL_CHUNK_PROBE_GB.items(), reverse=True))
-      + (". v5e (16 GB) needs the evaluator's samples split over `data` as well"
-         if "TPU v5e" not in probe_fits[min(EVAL_CHUNK_PROBE_GB)] else "") + ". Smaller chunks "
-      "mean more, smaller sequential matmuls; their time was not estimated here.",
-      "- Split the evaluator's per-member work over `data` (the remaining ≈8× repetition); "
-      "that is a change to `gpo_jax/evaluation/policy.py`, not made here.",
+       "does not fit any of the four chips by the CPU proxy."),
   ]
   return out
 

@@ -79,7 +79,10 @@ def _evaluate(lab, graphdef, rest, members, params_M, hp, sharding_, member_chun
                                      _ecfg(member_chunk), sharding=sharding_)
   bon = ev.reference()
   res = ev(params_M, hp, STEP)
-  return bon, {k: np.asarray(v, np.float64).tolist() for k, v in res.items()}
+  cost = ev._run(params_M, hp, STEP, lower=True).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  res = {k: np.asarray(v, np.float64).tolist() for k, v in res.items()}
+  return bon, res, float(cost.get("flops", float("nan")))
 
 
 def main_():
@@ -99,9 +102,10 @@ def main_():
   # One-device reference per member_chunk: every array committed to device 0, no shardings.
   dense = {}
   for chunk in sorted({c[2] for c in cases}):
-    bon, res = _evaluate(lab, graphdef, rest, members, _place(host, treedef, dev0),
-                         jax.tree.map(lambda x: jax.device_put(x, dev0), hp_host), None, chunk)
-    dense[chunk] = {"bon": bon, "metrics": res}
+    bon, res, flops = _evaluate(lab, graphdef, rest, members, _place(host, treedef, dev0),
+                                jax.tree.map(lambda x: jax.device_put(x, dev0), hp_host), None,
+                                chunk)
+    dense[chunk] = {"bon": bon, "metrics": res, "flops": flops}
 
   result = {"devices": jax.device_count(), "members": m, "dense": dense, "cases": []}
   tcfg = program.TrainConfig(batch_size=8)
@@ -116,15 +120,15 @@ def main_():
     params_M = _place(host, treedef, params_sh)
     placed_equal = all(np.array_equal(np.asarray(a), b)
                        for a, b in zip(jax.tree.leaves(params_M), host))
-    bon, res = _evaluate(lab, graphdef, rest, members, params_M,
-                         distributed.put(hp_host, member_sh), replicated, chunk)
+    bon, res, flops = _evaluate(lab, graphdef, rest, members, params_M,
+                                distributed.put(hp_host, member_sh), replicated, chunk)
     w_up = params_M["decoder"]["blocks"][0]["w_up"][...]
     result["cases"].append({
         "mesh": dict(mesh.shape), "preset": preset, "member_chunk": chunk,
         "placed_equal": placed_equal,
         "w_up_spec": [None if a is None else str(a) for a in w_up.sharding.spec],
         "w_up_unique_shards": len({str(s.index) for s in w_up.addressable_shards}),
-        "bon": bon, "metrics": res,
+        "bon": bon, "metrics": res, "flops": flops,
     })
   print(json.dumps(result))
 

@@ -182,3 +182,21 @@ def test_per_prompt_means_give_the_metric_and_its_prompt_clustered_se(case):
   assert np.all(res["n_prompts"] == E)
   # One-token responses never end with EOS unless the token is EOS.
   assert np.all((res["response_len"] == 1.0))
+
+
+def test_measuring_while_sampling_equals_the_two_pass_evaluation(case):
+  """The evaluator measures π against π_ref inside the sampler and scores gold from the
+  eval contexts' cached states; the former path (sample, then a second forward of both
+  models over the finished sequences, gold over whole sequences) gives the same metrics."""
+  ev, res = case["ev"], case["res"]
+  ev.two_pass = True
+  try:
+    old = ev(case["stacked"], case["members"].hparams(), 5)
+  finally:
+    ev.two_pass = False
+  for name in ("kl", "kl_k1", "kl_k3", "entropy", "gold/reward", "gold/win_rate",
+               "gold/network", "response_len", "rewards/margins"):
+    np.testing.assert_allclose(res[name], old[name], rtol=1e-4, atol=1e-5, err_msg=name)
+  np.testing.assert_array_equal(res[evaluation.SHOWN + "response"],
+                                old[evaluation.SHOWN + "response"])
+  assert float(np.max(res["kl"])) > 0.05 and float(np.std(res["gold/reward"])) > 0

@@ -90,6 +90,15 @@ def test_sharded_evaluation_equals_one_device_on_8_devices(lab_root):
   specs = {c["preset"]: c["w_up_spec"] for c in result["cases"]}
   assert specs == {"dp": ["sweep", None, None], "fsdp": ["sweep", "data", None],
                    "fsdp_tp": ["sweep", "data", "model"]}, specs
+  # Per-device work (XLA's FLOPs of the compiled evaluation): each device evaluates its own
+  # members (sweep) and its share of each member's rows (data). Before the rows were placed
+  # on `data`, every data device of a member group repeated the member's whole evaluation
+  # (sweep = 2, data = 4: 1/2 of the one-device FLOPs instead of ~1/8).
+  dense = result["dense"]["8"]["flops"]
+  by = {c["preset"]: c["flops"] / dense for c in result["cases"]}
+  assert by["dp"] < 0.2, by                     # sweep = 8: ~1/8
+  assert by["fsdp"] < 0.3, by                   # sweep 2 x data 4: ~1/8, was ~1/2
+  assert by["fsdp_tp"] < 0.35, by               # sweep 2 x data 2 (x model 2): <= ~1/4
 
 
 @pytest.mark.multidevice

@@ -139,3 +139,39 @@ def test_coherent_lab_normalises_gold_and_labels_pairs_with_it(coherent_lab):
   ended[:, -1] = corpus_lib.EOS
   gap = lab.gold_score(ctx[:64], ended, capped_mask) - lab.gold_score(ctx[:64], capped, capped_mask)
   assert gap.mean() > 0.5, f"ending at the cap costs only {gap.mean():.3f} gold on average"
+
+
+@pytest.mark.parametrize("kind", ["network", "coherent"])
+def test_gold_from_a_context_prefix_equals_the_full_pass(kind):
+  """``GoldFn.after_prefix`` (contexts run once, responses after them) scores like the full
+  pass, including responses with no valid token (read at the context's last token) and
+  contexts with PAD; a prefix paired with the wrong contexts does not."""
+  import jax
+  from flax import nnx
+  from gpo_jax.core import model as model_lib
+  cfg = model_lib.TransformerConfig(vocab_size=CORPUS.cfg.vocab_size, d_model=16, n_layers=2,
+                                    n_heads=2, d_ff=32, max_len=CORPUS.cfg.policy_len)
+  net = model_lib.RewardModel(cfg, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(net)
+  state = jax.tree.map(lambda x: x * 25.0, state)   # scores far from constant: checks bite
+  terms = gold_lib.GoldTerms(kind=kind)
+  fn = gold_lib.make_gold_fn(graphdef, 0.1, 2.0, terms)
+  params = {"net": state, "tables": gold_lib.tables(CORPUS)}
+  _, ctx, resp, mask = _corpus_samples(12, seed=3)
+  ctx = np.asarray(ctx).copy()
+  ctx[0, 1] = corpus_lib.PAD                 # a padded context
+  mask = np.asarray(mask).copy()
+  mask[1] = 0                                # a response with no valid token
+  n = 3                                      # three responses per context, prompt-major
+  ctx_B = np.repeat(ctx[:4], n, axis=0)
+  full, full_parts = fn(params, ctx_B, resp, mask)
+  prefix = fn.prefix(params, jnp.asarray(ctx[:4]))
+  rows = jax.tree.map(lambda x: jnp.repeat(x, n, axis=0), prefix)
+  fast, fast_parts = jax.jit(fn.after_prefix)(params, rows, ctx_B, resp, mask)
+  np.testing.assert_allclose(fast, full, rtol=1e-5, atol=1e-5)
+  for name in full_parts:
+    np.testing.assert_allclose(fast_parts[name], full_parts[name], rtol=1e-5, atol=1e-5)
+  wrong = jax.tree.map(lambda x: jnp.repeat(x[::-1], n, axis=0), prefix)
+  bad, _ = fn.after_prefix(params, wrong, ctx_B, resp, mask)
+  assert float(jnp.std(full_parts["gold/network"])) > 0.1
+  assert float(jnp.max(jnp.abs(bad - full))) > 0.1

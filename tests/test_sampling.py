@@ -226,3 +226,66 @@ def test_bad_arguments_raise(model):
     gs.sample(model, CONTEXT, key, max_new_tokens=1, temperature=-0.5)
   with pytest.raises(ValueError, match="shape mismatch"):
     gs.concat_response(CONTEXT, jnp.zeros((2, 3), jnp.int32), jnp.zeros((2, 3)))
+
+
+def test_sample_measured_sums_equal_a_full_forward_over_its_samples(model):
+  """The measures accumulated along the decode equal those of a second pass over the
+  finished sequences (the evaluator's former path), and the tokens are ``sample``'s."""
+  ref = _peaked_model(1)
+  pair = jax.tree.map(lambda a, b: jnp.stack([a, b]), nnx.state(model), nnx.state(ref))
+  graphdef = nnx.graphdef(model)
+  ctx = jnp.repeat(CONTEXT, 64, axis=0)
+  key = jax.random.key(5)
+  run = jax.jit(lambda p, c, k: gs.sample_measured(lambda st: nnx.merge(graphdef, st), p, c, k,
+                                                    max_new_tokens=5))
+  tokens, mask, sums = run(pair, ctx, key)
+  plain, plain_mask = sample_jit(model, ctx, key, max_new_tokens=5)
+  np.testing.assert_array_equal(tokens, plain)
+  np.testing.assert_array_equal(mask, plain_mask)
+  assert float(jnp.min(jnp.sum(mask, -1))) < 5, "no row ended early: EOS handling untested"
+  full = jnp.concatenate([ctx, tokens], axis=1)[:, :-1]
+  c = ctx.shape[1]
+  pol, rl = forward(model, full)[:, c - 1:], forward(ref, full)[:, c - 1:]
+  from gpo_jax.core import logprobs
+  want = {"kl": logprobs.token_kl(pol, rl), "logp": logprobs.token_logprobs(pol, tokens),
+          "ref_logp": logprobs.token_logprobs(rl, tokens),
+          "entropy": logprobs.token_entropy(pol)}
+  for name, per_token in want.items():
+    np.testing.assert_allclose(sums[name], jnp.sum(per_token * mask, -1), rtol=1e-5, atol=1e-5,
+                               err_msg=name)
+  assert float(jnp.mean(sums["kl"])) > 0.1        # the two models differ: the check bites
+  # Equal parameters: every difference is exactly 0 (one batched program for both).
+  same = jax.tree.map(lambda a: jnp.stack([a, a]), nnx.state(model))
+  _, _, s0 = run(same, ctx, key)
+  assert float(jnp.max(jnp.abs(s0["kl"]))) == 0.0
+  np.testing.assert_array_equal(s0["logp"], s0["ref_logp"])
+
+
+def test_repeats_prefill_each_context_once_and_give_the_repeated_rows():
+  """``repeats=r`` on distinct contexts = the same contexts repeated r times (rows
+  context-major), for ``sample`` and ``sample_measured``; the prefill runs on the distinct
+  contexts only (its batch in the jaxpr); bad values are refused."""
+  model, ref = _peaked_model(0), _peaked_model(2)
+  ctx = jnp.array([[1, 5, 2], [1, 6, 2], [1, 4, 2]], jnp.int32)
+  r, key = 5, jax.random.key(11)
+  want, want_mask = sample_jit(model, jnp.repeat(ctx, r, axis=0), key, max_new_tokens=4)
+  run = nnx.jit(gs.sample, static_argnames=("max_new_tokens", "repeats"))
+  got, got_mask = run(model, ctx, key, max_new_tokens=4, repeats=r)
+  np.testing.assert_array_equal(got, want)
+  np.testing.assert_array_equal(got_mask, want_mask)
+  assert len({tuple(np.asarray(row)) for row in got}) > 3, "rows too alike for the check to bite"
+  pair = jax.tree.map(lambda a, b: jnp.stack([a, b]), nnx.state(model), nnx.state(ref))
+  graphdef = nnx.graphdef(model)
+  measured = lambda c, rep: gs.sample_measured(  # noqa: E731
+      lambda st: nnx.merge(graphdef, st), pair, c, key, max_new_tokens=4, repeats=rep)
+  a = jax.jit(measured, static_argnums=1)(jnp.repeat(ctx, r, axis=0), 1)
+  b = jax.jit(measured, static_argnums=1)(ctx, r)
+  np.testing.assert_array_equal(a[0], b[0])
+  for name in a[2]:
+    np.testing.assert_allclose(a[2][name], b[2][name], rtol=1e-6, atol=1e-6, err_msg=name)
+  # The prefill's batch is the distinct contexts: 3 rows, not 15.
+  jaxpr = str(jax.make_jaxpr(lambda c: gs.sample(model, c, key, max_new_tokens=4, repeats=r))(ctx))
+  assert "f32[3,3,8]" in jaxpr and "f32[15,3,8]" not in jaxpr
+  for bad in (0, -1, 2.0, True):
+    with pytest.raises(ValueError, match="repeats"):
+      gs.sample(model, ctx, key, max_new_tokens=4, repeats=bad)

@@ -125,7 +125,8 @@ def member_loss_fn(graphdef, rest, *, k: int, response_len: int):
     ctx = jnp.repeat(batch["prompt"], k, axis=0)                                  # [B*k, C]
     guide = jnp.repeat(batch["guide"][:, hp["guidance_idx"]], k, axis=0)          # [B*k, Cg]
     sampler = nnx.merge(graphdef, jax.lax.stop_gradient(params), rest)
-    resp, mask = sampling.sample(sampler, ctx, key, max_new_tokens=response_len)
+    resp, mask = sampling.sample(sampler, batch["prompt"], key, max_new_tokens=response_len,
+                                 repeats=k)                             # = ctx's rows
     m = mask.astype(jnp.float32)
     lp = response_token_logprobs(nnx.merge(graphdef, params, rest), ctx, resp, m)
     lp_ref = jax.lax.stop_gradient(response_token_logprobs(ref, ctx, resp, m))

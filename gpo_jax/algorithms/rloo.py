@@ -120,7 +120,8 @@ def member_loss_fn(graphdef, rest, score_fn, *, k: int, response_len: int):
     sh = batch[SHARED]
     ctx = jnp.repeat(batch["prompt"], k, axis=0)                        # [B*k, C]
     sampler = nnx.merge(graphdef, jax.lax.stop_gradient(params), rest)
-    resp, mask = sampling.sample(sampler, ctx, key, max_new_tokens=response_len)
+    resp, mask = sampling.sample(sampler, batch["prompt"], key, max_new_tokens=response_len,
+                                 repeats=k)                             # = ctx's rows
     tokens, rmask = sampling.concat_response(ctx, resp, mask)
     logp = model_lib.response_logprobs(nnx.merge(graphdef, params, rest), tokens, rmask)
     logp_ref = jax.lax.stop_gradient(

@@ -163,6 +163,17 @@ class Block(nnx.Module):
     causal_LxL = jnp.tril(jnp.ones((n, n), dtype=bool))
     return self.finish(h_BxLxD, _attend(q, k, v, causal_LxL)), k, v
 
+  def extend(self, h_BxTxD: Array, k_BxCxHxK: Array, v_BxCxHxK: Array) -> Array:
+    """``T`` new positions after a cached prefix of ``C``: each attends to the whole prefix
+    and causally to the new positions (the full pass's result for those positions)."""
+    q, k, v = self.qkv(h_BxTxD)
+    c, t = k_BxCxHxK.shape[1], h_BxTxD.shape[1]
+    keys = jnp.concatenate([k_BxCxHxK.astype(k.dtype), k], axis=1)
+    values = jnp.concatenate([v_BxCxHxK.astype(v.dtype), v], axis=1)
+    s_S = jnp.arange(c + t)
+    allowed_TxS = s_S[None, :] <= (c + jnp.arange(t))[:, None]
+    return self.finish(h_BxTxD, _attend(q, keys, values, allowed_TxS))
+
   def decode(self, h_Bx1xD: Array, pos: Array, k_BxHxSxK: Array, v_BxHxSxK: Array):
     """One new position ``pos``: write its key/value into the cache and attend to ``<= pos``.
 
@@ -215,6 +226,17 @@ class Decoder(nnx.Module):
       h_BxLxD, k, v = block(h_BxLxD)
       kv.append({"k": k, "v": v})
     return self.final_norm(h_BxLxD), tuple(kv)
+
+  def extend(self, tokens_BxT: Array, prefix: Cache) -> Array:
+    """Final normed hidden states ``[B, T, D]`` of ``T`` tokens that follow a prefix whose
+    per-layer keys and values (``[B, C, heads, head_dim]``, as :meth:`__call__` returns
+    them) are given: equal to the full pass over ``prefix + tokens`` at those positions."""
+    c = prefix[0]["k"].shape[1]
+    self._check_length(c + tokens_BxT.shape[1])
+    h = self.embed(tokens_BxT, c)
+    for block, layer in zip(self.blocks, prefix):
+      h = block.extend(h, layer["k"], layer["v"])
+    return self.final_norm(h)
 
   def decode(self, token_B: Array, pos: Array, cache: Cache) -> tuple[Array, Cache]:
     pos = jnp.asarray(pos, jnp.int32)
@@ -337,7 +359,37 @@ class RewardModel(nnx.Module):
     idx_L = jnp.arange(tokens_BxL.shape[1])
     last_B = jnp.max(jnp.where(mask_BxL.astype(bool), idx_L, 0), axis=-1)
     h_BxD = jnp.take_along_axis(h_BxLxD, last_B[:, None, None], axis=1)[:, 0]
+    return self._head(h_BxD)
+
+  def _head(self, h_BxD: Array) -> Array:
     return h_BxD.astype(jnp.float32) @ self.w_head[...] + self.b_head[...]
+
+  def prefix(self, context_BxC: Array, valid_BxC: Array | None = None) -> dict[str, Any]:
+    """What :meth:`score_after` needs of a context scored with many continuations.
+
+    Returns ``{"kv": per-layer keys/values [B, C, heads, head_dim], "h_last": [B, D]}``
+    (``h_last``: the final hidden state at the context's last valid token, read when a
+    continuation has no valid token). Attention is causal, so the context's states do not
+    depend on what follows: compute them once per context instead of once per response.
+    """
+    if valid_BxC is None:
+      valid_BxC = context_BxC != 0
+    h_BxCxD, kv = self.decoder(self.decoder.embed(context_BxC))
+    idx_C = jnp.arange(context_BxC.shape[1])
+    last_B = jnp.max(jnp.where(valid_BxC.astype(bool), idx_C, 0), axis=-1)
+    h_last = jnp.take_along_axis(h_BxCxD, last_B[:, None, None], axis=1)[:, 0]
+    return {"kv": kv, "h_last": h_last}
+
+  def score_after(self, prefix: dict[str, Any], tokens_BxT: Array, valid_BxT: Array) -> Array:
+    """``self(concat(context, tokens), concat(valid_ctx, valid_BxT))`` from the context's
+    :meth:`prefix` (rows aligned with ``tokens_BxT``): only the ``T`` new positions run."""
+    h_BxTxD = self.decoder.extend(tokens_BxT, prefix["kv"])
+    valid = valid_BxT.astype(bool)
+    idx_T = jnp.arange(tokens_BxT.shape[1])
+    last_B = jnp.max(jnp.where(valid, idx_T, 0), axis=-1)
+    h_BxD = jnp.take_along_axis(h_BxTxD, last_B[:, None, None], axis=1)[:, 0]
+    h_BxD = jnp.where(jnp.any(valid, axis=-1)[:, None], h_BxD, prefix["h_last"])
+    return self._head(h_BxD)
 
 
 def response_logprobs(

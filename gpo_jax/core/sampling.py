@@ -95,6 +95,7 @@ def sample(
     top_p: Array | float | None = None,
     eos_id: int = EOS,
     pad_id: int = PAD,
+    repeats: int = 1,
 ) -> tuple[Array, Array]:
   """Samples responses to fixed-length contexts with a KV cache.
 
@@ -115,14 +116,19 @@ def sample(
     top_k: keep only the ``top_k`` most likely tokens.
     top_p: nucleus sampling mass in (0, 1].
     eos_id: end-of-sequence id. pad_id: padding id.
+    repeats: responses per context (static): rows ``[B * repeats]``, context-major (row
+      ``i * repeats + j`` is the ``j``-th response to context ``i``) — the result of
+      ``sample(model, jnp.repeat(context_BxC, repeats, axis=0), key)`` with each context
+      prefilled once instead of ``repeats`` times (:func:`_prefill`).
 
   Returns:
     ``(tokens_BxT, mask_BxT)``: int32 tokens, and a float32 mask that is 1 on response
     tokens up to and including the first EOS.
   """
   cfg = model.cfg
-  b, c = context_BxC.shape
   _validate(max_new_tokens, temperature, top_k, top_p, cfg.vocab_size)
+  _check_repeats(repeats)
+  b, c = context_BxC.shape[0] * repeats, context_BxC.shape[1]
   if c + max_new_tokens > cfg.max_len:
     raise ValueError(
         f"context length {c} + max_new_tokens {max_new_tokens} exceeds max_len={cfg.max_len}."
@@ -134,7 +140,7 @@ def sample(
   # The cache holds exactly the C + T - 1 positions ever fed (the last token is never fed
   # back): decode steps attend over those, not over max_len.
   cache_len = c + max_new_tokens - 1 if max_new_tokens > 1 else c
-  logits_BxV, cache = model.prefill(context_BxC, cache_len)
+  logits_BxV, cache = _prefill(model.prefill, context_BxC, cache_len, repeats)
   first = choose(logits_BxV, keys[0], jnp.zeros((b,), bool))
 
   def step(carry, xs):
@@ -151,6 +157,102 @@ def sample(
   tokens_BxT = jnp.concatenate([first[0][:, None], tokens_TxB.T], axis=1)
   mask_BxT = jnp.concatenate([first[1][:, None], in_resp_TxB.T], axis=1).astype(jnp.float32)
   return tokens_BxT, mask_BxT
+
+
+def _check_repeats(repeats):
+  if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
+    raise ValueError(f"repeats must be a positive int (static), got {repeats!r}.")
+
+
+def _prefill(prefill_fn, context_BxC, cache_len, repeats: int, axis: int = 0):
+  """``prefill_fn(context, cache_len)`` with each row's logits and cache repeated
+  ``repeats`` times along the batch axis (``axis``; 1 for a vmapped pair). Every response to
+  one context starts from the same prefill: running it once per context saves
+  ``(repeats − 1) / repeats`` of the prefill (C/(C+T) of the sampler's FLOPs at large
+  ``repeats``, e.g. a best-of-n pool)."""
+  logits, cache = prefill_fn(context_BxC, cache_len)
+  if repeats == 1:
+    return logits, cache
+  rep = lambda x: jnp.repeat(x, repeats, axis=axis)  # noqa: E731
+  return rep(logits), jax.tree.map(rep, cache)
+
+
+def sample_measured(
+    model_fn,
+    pair_state,
+    context_BxC: Array,
+    key: Array,
+    *,
+    max_new_tokens: int,
+    eos_id: int = EOS,
+    pad_id: int = PAD,
+    repeats: int = 1,
+) -> tuple[Array, Array, dict[str, Array]]:
+  """Samples from a policy (temperature 1) and measures it against a reference on the way.
+
+  ``pair_state`` stacks two parameter states on a leading axis of 2, the policy's then the
+  reference's (``jax.tree.map(lambda a, b: jnp.stack([a, b]), policy, ref)``), and
+  ``model_fn(state)`` builds a :class:`Transformer` from one. Both run in one vmapped
+  prefill and decode scan (two KV caches, each fed the policy's tokens), so the reference's
+  next-token distribution along the policy's own samples comes with the sampling instead of
+  a second pass over the finished sequences; and because the two share one program, equal
+  parameters give bitwise-equal logits (every measured difference is exactly 0 at
+  ``π = π_ref``). Tokens are drawn from the policy's logits exactly as :func:`sample` draws
+  them (same keys; same tokens up to the rounding of the batched program).
+
+  ``repeats`` responses per context as in :func:`sample`.
+
+  Returns:
+    ``(tokens_BxT, mask_BxT, sums)``: as :func:`sample`, and per-row sums over the response
+    tokens (``mask``) of ``kl`` (exact per-token ``KL(π‖π_ref)`` over the vocabulary),
+    ``logp`` and ``ref_logp`` (the sampled tokens' log-probabilities) and ``entropy`` (the
+    policy's per-token entropy), all float32 ``[B]``.
+  """
+  from gpo_jax.core import logprobs   # (no cycle: logprobs imports nothing of ours)
+
+  cfg = model_fn(jax.tree.map(lambda x: x[0], pair_state)).cfg
+  _check_repeats(repeats)
+  b, c = context_BxC.shape[0] * repeats, context_BxC.shape[1]
+  _validate(max_new_tokens, 1.0, None, None, cfg.vocab_size)
+  if c + max_new_tokens > cfg.max_len:
+    raise ValueError(
+        f"context length {c} + max_new_tokens {max_new_tokens} exceeds max_len={cfg.max_len}."
+    )
+  keys = jax.random.split(key, max_new_tokens)
+  cache_len = c + max_new_tokens - 1 if max_new_tokens > 1 else c
+  pair_prefill = lambda ctx, n: jax.vmap(lambda st: model_fn(st).prefill(ctx, n))(pair_state)  # noqa: E731
+  decode = jax.vmap(lambda st, tok, pos, cache: model_fn(st).decode_step(tok, pos, cache),
+                    in_axes=(0, None, None, 0))
+
+  def choose(logits_2xBxV, k, done_B):
+    token_B, in_resp_B, done_B = _choose(logits_2xBxV[0], k, done_B, 1.0, None, None,
+                                         eos_id, pad_id)
+    pol, ref = logits_2xBxV[0][:, None], logits_2xBxV[1][:, None]
+    m = in_resp_B.astype(jnp.float32)
+    stats = {"kl": logprobs.token_kl(pol, ref)[:, 0] * m,
+             "logp": jnp.where(in_resp_B, logprobs.token_logprobs(pol, token_B[:, None])[:, 0], 0.0),
+             "ref_logp": jnp.where(in_resp_B,
+                                   logprobs.token_logprobs(ref, token_B[:, None])[:, 0], 0.0),
+             "entropy": logprobs.token_entropy(pol)[:, 0] * m}
+    return token_B, in_resp_B, done_B, stats
+
+  logits_2xBxV, cache = _prefill(pair_prefill, context_BxC, cache_len, repeats, axis=1)
+  tok0, in0, done0, sums = choose(logits_2xBxV, keys[0], jnp.zeros((b,), bool))
+
+  def step(carry, xs):
+    cache, token_B, done_B, sums = carry
+    pos, k = xs
+    logits_2xBxV, cache = decode(pair_state, token_B, pos, cache)
+    token_B, in_resp_B, done_B, stats = choose(logits_2xBxV, k, done_B)
+    sums = jax.tree.map(jnp.add, sums, stats)
+    return (cache, token_B, done_B, sums), (token_B, in_resp_B)
+
+  positions = c + jnp.arange(max_new_tokens - 1, dtype=jnp.int32)
+  (_, _, _, sums), (tokens_TxB, in_resp_TxB) = jax.lax.scan(
+      step, (cache, tok0, done0, sums), (positions, keys[1:]))
+  tokens_BxT = jnp.concatenate([tok0[:, None], tokens_TxB.T], axis=1)
+  mask_BxT = jnp.concatenate([in0[:, None], in_resp_TxB.T], axis=1).astype(jnp.float32)
+  return tokens_BxT, mask_BxT, sums
 
 
 def concat_response(

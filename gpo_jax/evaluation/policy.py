@@ -34,9 +34,17 @@ end with EOS rather than at the length cap) beside gold, and the gold function's
 (the lab's: ``gold/network``, the normalised network score, and ``loglik``, the exact mean
 per-token log-likelihood of the response under the corpus): a gold gain from responses
 the world never produces is visible as such (SPEC §3). The policy
-and the reference are run through the *same* vmapped forward (stacked as a pair), so at
+and the reference are run through the *same* vmapped program (stacked as a pair), so at
 step 0, where the parameters equal π_ref, the exact KL and every offline log-ratio are
 exactly 0, on one device or a sharded mesh.
+
+Nothing is computed twice: π_ref decodes beside π inside the sampler, fed π's tokens
+(:func:`gpo_jax.core.sampling.sample_measured`), so the KL terms, log-probs and entropy come
+with the sampling rather than from a second pass over the finished sequences; the gold
+network runs over the eval contexts once per run and then over each response's positions
+only (:class:`gpo_jax.lab.gold.GoldFn`); π_ref's scored pool is cached beside the lab.
+``Evaluator.two_pass = True`` restores the former two-pass path (for the benchmark and the
+test that compares the two).
 
 References:
   Schulman 2020, "Approximating KL divergence" (k1, k3 estimators).
@@ -61,6 +69,7 @@ from flax import nnx
 from gpo_jax.core import logprobs
 from gpo_jax.core import sampling
 from gpo_jax.core import sequences
+from gpo_jax.engine import program
 from gpo_jax.evaluation import bon as bon_lib
 from gpo_jax.objectives import diagnostics
 from gpo_jax.proxies import selectors as selectors_lib
@@ -75,10 +84,11 @@ BON_FILE = "bon.json"
 #: π_ref's scored pool is cached under ``<lab root>/POOL_CACHE_DIR/<lab dir>/``
 POOL_CACHE_DIR = "pools"
 #: bump when the sampler or the gold scoring changes what a pool holds
-POOL_CACHE_VERSION = 1
+POOL_CACHE_VERSION = 2
 #: the π_ref pool scored by gold and by every proxy (runs against a proxy only)
 POOL_FILE = "bon_pool.npz"
 SWEEP_AXIS = "sweep"     # the mesh axis members (and the proxy-scored pool's prompts) use
+DATA_AXIS = "data"       # the mesh axis one member's sample rows and test pairs are split over
 #: prefix of the ``[M, E]`` per-prompt arrays in the evaluator's result (saved by the loop
 #: to ``per_prompt/<step>.npz``, the input of every paired comparison in the analysis)
 PER_PROMPT = "prompt/"
@@ -230,6 +240,13 @@ class Evaluator:
     self.ref_gold_ExN = None
     self.ref_gold_E = None
     self.ref_gold_mean = None
+    self.gold_prefix = None       # the gold's states of the eval contexts (first __call__)
+    # True: the former evaluation path (sample, then a second forward of π and π_ref over
+    # the finished sequences; gold over whole sequences) — for benchmarks and tests only.
+    self.two_pass = False
+    # One member's weight shardings inside the member map (set at the first call from the
+    # stacked params' shardings when the mesh has a data axis; see _on_data).
+    self._weights_at_use = None
     # Against a proxy: the proxies' parameters and the selector table, and (after
     # reference()) each selector's π_ref pool mean per prompt, [S, E].
     self.proxy = proxy
@@ -247,6 +264,7 @@ class Evaluator:
     self.lab_id = lab_id
     self.pool_cache_hit: bool | None = None
     self._eval = jax.jit(self._eval_all)
+    self._eval_two_pass = jax.jit(functools.partial(self._eval_all, two_pass=True))
     self._pool = jax.jit(self._pool_fn)
 
   def _place(self, tree):
@@ -279,10 +297,26 @@ class Evaluator:
     """The lab's normalised gold score (before reference subtraction) and its parts."""
     return self.gold_fn(gold_state, ctx_BxP, resp_BxT, mask_BxT)
 
-  def _sample(self, params, ctx_BxP, key):
+  def _gold_prefix(self, gold_state, prompts_ExP):
+    """The gold network's states of the eval contexts (computed once; None when the gold
+    function has no prefix path, e.g. a user-supplied one)."""
+    if not hasattr(self.gold_fn, "prefix"):
+      return None
+    return self.gold_fn.prefix(gold_state, prompts_ExP)
+
+  def _gold_rows(self, gold_state, prefix_E, n, ctx_BxP, resp_BxT, mask_BxT):
+    """:meth:`_gold` of ``n`` responses per eval context (rows prompt-major), from the
+    contexts' cached gold states when there are some: the contexts are the same for every
+    member and step, so only the response positions run (``GoldFn.after_prefix``)."""
+    if prefix_E is None:
+      return self._gold(gold_state, ctx_BxP, resp_BxT, mask_BxT)
+    rows = jax.tree.map(lambda x: jnp.repeat(x, n, axis=0), prefix_E)
+    return self.gold_fn.after_prefix(gold_state, rows, ctx_BxP, resp_BxT, mask_BxT)
+
+  def _sample(self, params, ctx_BxP, key, repeats: int = 1):
     # Always temperature 1: the KL and gold estimates are about π itself.
     model = nnx.merge(self.graphdef, params, self.rest)
-    return sampling.sample(model, ctx_BxP, key, max_new_tokens=self.resp_len)
+    return sampling.sample(model, ctx_BxP, key, max_new_tokens=self.resp_len, repeats=repeats)
 
   # ------------------------------------------------------------------ reference pool
 
@@ -291,8 +325,9 @@ class Evaluator:
 
     def one_prompt(ctx_P, k):
       ctx = jnp.broadcast_to(ctx_P, (n,) + ctx_P.shape)
-      resp, mask = self._sample(ref_params, ctx, k)
-      gold, parts = self._gold(gold_state, ctx, resp, mask)
+      resp, mask = self._sample(ref_params, ctx_P[None], k, repeats=n)
+      gold, parts = self._gold_rows(gold_state, self._gold_prefix(gold_state, ctx_P[None]),
+                                    n, ctx, resp, mask)
       if proxy_params is not None:    # every proxy's normalised score of the pool, [P, n]
         parts = dict(parts, proxies=self.proxy.score_fn(proxy_params, ctx, resp, mask))
       return (gold, jnp.sum(mask, axis=-1).astype(jnp.float32),
@@ -313,6 +348,37 @@ class Evaluator:
     out = jax.vmap(lambda p, k: jax.lax.map(lambda a: one_prompt(*a), (p, k)))(
         split(prompts_ExP), split(keys))
     return jax.tree.map(lambda x: x.reshape((e,) + x.shape[2:]), out)
+
+  def _data_devices(self) -> int:
+    mesh = getattr(self.sharding, "mesh", None)
+    return 1 if mesh is None else int(dict(mesh.shape).get(DATA_AXIS, 1))
+
+  def _on_data(self, rows):
+    """One member's rows (samples, test pairs: leading axis) split over the mesh's ``data``
+    axis, as the train step splits a member's batch (``engine.program.place_on_data``).
+
+    Inside the member map nothing else tells XLA where a member's rows live: every ``data``
+    device of a member group then repeated the member's whole evaluation (found in
+    experiments/POD_PLAN.md). A no-op without a ``data`` axis larger than 1, or when it does
+    not divide the rows.
+    """
+    d = self._data_devices()
+    if d <= 1:
+      return rows
+    sh = jax.sharding.NamedSharding(self.sharding.mesh, jax.sharding.PartitionSpec(DATA_AXIS))
+    return jax.tree.map(
+        lambda a: jax.lax.with_sharding_constraint(a, sh)
+        if getattr(a, "ndim", 0) >= 1 and a.shape[0] % d == 0 else a, rows)
+
+  def _weights(self, params, lead: int = 0):
+    """A member's weights gathered over ``data`` at use (model split kept), as the train
+    step does under FSDP presets; ``lead`` leading unsharded axes (a chunk of members)."""
+    if self._weights_at_use is None:
+      return params
+    none = (None,) * lead
+    return jax.tree.map(
+        lambda a, sh: jax.lax.with_sharding_constraint(a, jax.sharding.NamedSharding(
+            sh.mesh, jax.sharding.PartitionSpec(*none, *sh.spec))), params, self._weights_at_use)
 
   def _pool_groups(self, e: int) -> int:
     """Devices on the mesh's sweep axis when they divide the ``e`` prompts (else 1)."""
@@ -472,34 +538,34 @@ class Evaluator:
 
   # ------------------------------------------------------------------ members
 
-  def _eval_member(self, params, hp, step, aux):
+  def _eval_member(self, params, hp, step, aux, two_pass=False):
     """All metrics of one member (vmapped over members by the caller)."""
     e, n = aux["prompts"].shape[0], self.ecfg.samples_per_prompt
     ref_params, gold_state = aux["ref_params"], aux["gold_state"]
-    ctx = jnp.repeat(aux["prompts"], n, axis=0)                       # [E*n, P]
+    prompts = self._on_data(aux["prompts"])                            # [E, P]
+    ctx = self._on_data(jnp.repeat(prompts, n, axis=0))                # [E*n, P]
+    params = self._weights(params)
     key = jax.random.fold_in(
         jax.random.fold_in(jax.random.key(hp["seed"]), _EVAL_STREAM), step)
-    resp, mask = self._sample(params, ctx, key)
-    tokens = jnp.concatenate([ctx, resp], axis=1)
-    p_len = ctx.shape[1]
-
-    # Policy and reference through one batched forward, so equal params give equal logits.
+    # Policy and reference decode side by side in one batched program (the reference fed
+    # the policy's tokens), so equal params give equal logits and the measures along the
+    # samples come with the sampling (no second pass over the finished sequences).
     pair = jax.tree.map(lambda a, b: jnp.stack([a, b]), params, ref_params)
-    logits_2xBxLxV = jax.vmap(
-        lambda st: nnx.merge(self.graphdef, st, self.rest)(tokens[:, :-1]))(pair)
-    # Logits at position t predict token t + 1: the response is predicted from P-1 on.
-    logits_2xBxTxV = logits_2xBxLxV[:, :, p_len - 1:]
-    pol, ref = logits_2xBxTxV[0], logits_2xBxTxV[1]
+    if two_pass:
+      resp, mask, sums = self._two_pass(params, pair, ctx, key)
+    else:   # each prompt prefilled once for its n samples
+      resp, mask, sums = sampling.sample_measured(
+          lambda st: nnx.merge(self.graphdef, st, self.rest), pair, prompts, key,
+          max_new_tokens=self.resp_len, repeats=n)
     m = mask.astype(jnp.float32)
-    kl_B = jnp.sum(logprobs.token_kl(pol, ref) * m, axis=-1)
-    logp_pol = jnp.sum(logprobs.token_logprobs(pol, resp) * m, axis=-1)
-    logp_ref = jnp.sum(logprobs.token_logprobs(ref, resp) * m, axis=-1)
-    k1_B = logp_pol - logp_ref
+    kl_B = sums["kl"]
+    k1_B = sums["logp"] - sums["ref_logp"]
     log_r = -k1_B
     k3_B = jnp.expm1(log_r) - log_r
-    ent = jnp.sum(logprobs.token_entropy(pol) * m) / jnp.maximum(jnp.sum(m), 1.0)
+    ent = jnp.sum(sums["entropy"]) / jnp.maximum(jnp.sum(m), 1.0)
 
-    gold_B, parts = self._gold(gold_state, ctx, resp, mask)
+    gold_B, parts = self._gold_rows(gold_state, None if two_pass else aux["gold_prefix"], n,
+                                    ctx, resp, mask)
     ref_ExN = aux["ref_gold"]
     win_B = jnp.mean(jax.nn.sigmoid(
         gold_B.reshape(e, n, 1) - ref_ExN[:, None, :]), axis=-1).reshape(-1)
@@ -535,6 +601,22 @@ class Evaluator:
                   "gold": gold_B[::n][:k] - aux["ref_gold_E"][:k]},
     }
 
+  def _two_pass(self, params, pair, ctx, key):
+    """The former path (kept for the benchmark and the tests that compare the two): sample,
+    then run the policy and the reference over the finished sequences."""
+    resp, mask = self._sample(params, ctx, key)
+    tokens = jnp.concatenate([ctx, resp], axis=1)
+    logits_2xBxLxV = jax.vmap(
+        lambda st: nnx.merge(self.graphdef, st, self.rest)(tokens[:, :-1]))(pair)
+    # Logits at position t predict token t + 1: the response is predicted from P-1 on.
+    pol, ref = logits_2xBxLxV[:, :, ctx.shape[1] - 1:]
+    m = mask.astype(jnp.float32)
+    sums = {"kl": jnp.sum(logprobs.token_kl(pol, ref) * m, axis=-1),
+            "logp": jnp.sum(logprobs.token_logprobs(pol, resp) * m, axis=-1),
+            "ref_logp": jnp.sum(logprobs.token_logprobs(ref, resp) * m, axis=-1),
+            "entropy": jnp.sum(logprobs.token_entropy(pol) * m, axis=-1)}
+    return resp, mask, sums
+
   def _offline_log_ratios(self, params_M, ref_params, test) -> Array:
     """``[M, 2B]`` log π − log π_ref of the test pairs (chosen then rejected) per member.
 
@@ -554,11 +636,13 @@ class Evaluator:
     m = jax.tree.leaves(params_M)[0].shape[0]
     c = min(self.ecfg.member_chunk, m)
     n_chunks = -(-m // c)
-    ctx = jnp.concatenate([test["prompt"], test["prompt"]])
-    resp = jnp.concatenate([test["chosen"], test["rejected"]])
-    mask = jnp.concatenate([test["chosen_mask"], test["rejected_mask"]])
+    ctx, resp, mask = self._on_data((
+        jnp.concatenate([test["prompt"], test["prompt"]]),
+        jnp.concatenate([test["chosen"], test["rejected"]]),
+        jnp.concatenate([test["chosen_mask"], test["rejected_mask"]])))
 
     def chunk(p_CxP):
+      p_CxP = self._weights(p_CxP, lead=1)
       rows = jax.tree.map(lambda r, x: jnp.concatenate([r[None], x]), ref_params, p_CxP)
       logp = jax.vmap(lambda st: sequences.pair_logps(
           nnx.merge(self.graphdef, st, self.rest), ctx, resp, mask,
@@ -592,8 +676,8 @@ class Evaluator:
     out = jax.vmap(group_fn)(jax.tree.map(split, args))
     return jax.tree.map(lambda x: x.reshape((m,) + x.shape[2:]), out)
 
-  def _eval_all(self, params_M, hparams, step, aux):
-    fn = functools.partial(self._eval_member, step=step, aux=aux)
+  def _eval_all(self, params_M, hparams, step, aux, two_pass=False):
+    fn = functools.partial(self._eval_member, step=step, aux=aux, two_pass=two_pass)
     m = hparams["beta"].shape[0]
     chunk = min(self.ecfg.member_chunk, m // self._pool_groups(m))
     out = self._by_device(lambda a: jax.lax.map(lambda t: fn(*t), a, batch_size=chunk),
@@ -632,18 +716,33 @@ class Evaluator:
       hparams: :meth:`gpo_jax.engine.sweep.Members.hparams`.
       step: the training step the parameters belong to.
     """
+    res = self._run(params_M, hparams, step)
+    out = {k: distributed.to_host(v) for k, v in res.items()}
+    out["n_prompts"] = np.full(hparams["beta"].shape, self.prompts_ExP.shape[0], np.int64)
+    out["n_samples"] = np.full(hparams["beta"].shape, self.prompts_ExP.shape[0]
+                               * self.ecfg.samples_per_prompt, np.int64)
+    return out
+
+  def _run(self, params_M, hparams, step, lower: bool = False):
+    """The jitted evaluation's device results (``lower=True``: its ``Lowered``, for cost
+    and memory analysis)."""
     if self.ref_gold_ExN is None:
       raise RuntimeError("call Evaluator.reference() before evaluating members.")
+    if self._weights_at_use is None and self._data_devices() > 1:
+      shardings = jax.tree.map(lambda a: getattr(a, "sharding", None), params_M)
+      if all(isinstance(x, jax.sharding.NamedSharding) for x in jax.tree.leaves(shardings)):
+        self._weights_at_use = program.gathered_at_use(shardings, self.sharding.mesh)
+    if self.gold_prefix is None and hasattr(self.gold_fn, "prefix"):
+      self.gold_prefix = jax.jit(self._gold_prefix)(self.gold_state, self.prompts_ExP)
     aux = {"ref_params": self.ref_params, "gold_state": self.gold_state,
+           "gold_prefix": self.gold_prefix,
            "ref_gold": self.ref_gold_ExN, "ref_gold_E": self.ref_gold_E,
            "prompts": self.prompts_ExP, "test": self.test}
     if self.proxy is not None:
       aux.update(proxy_params=self.member_proxy_params, proxy_table=self.proxy_table,
                  ref_proxy=self.ref_proxy_SxE)
     # A NumPy scalar, not a device-0 array: jit accepts it alongside multi-process arrays.
-    res = self._eval(params_M, hparams, np.int32(step), aux)
-    out = {k: distributed.to_host(v) for k, v in res.items()}
-    out["n_prompts"] = np.full(hparams["beta"].shape, self.prompts_ExP.shape[0], np.int64)
-    out["n_samples"] = np.full(hparams["beta"].shape, self.prompts_ExP.shape[0]
-                               * self.ecfg.samples_per_prompt, np.int64)
-    return out
+    run = self._eval_two_pass if self.two_pass else self._eval
+    if lower:
+      return run.lower(params_M, hparams, np.int32(step), aux)
+    return run(params_M, hparams, np.int32(step), aux)

@@ -189,7 +189,8 @@ def _make_select_fn(graphdef, n: int, max_new_tokens: int):
     e = ctx_plus_ExC1.shape[0]
     plus = jnp.repeat(ctx_plus_ExC1, n, axis=0)
     minus = jnp.repeat(ctx_minus_ExC2, n, axis=0)
-    resp, mask = sampling.sample(model, plus, key, max_new_tokens=max_new_tokens)
+    resp, mask = sampling.sample(model, ctx_plus_ExC1, key, max_new_tokens=max_new_tokens,
+                                 repeats=n)                            # = plus's rows
     s_ExN = score(model, plus, minus, resp, mask).reshape(e, n)
     idx_E = jnp.argmax(s_ExN, axis=-1)
     resp_ExNxT = resp.reshape(e, n, -1)

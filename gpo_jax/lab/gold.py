@@ -129,7 +129,7 @@ def combine(terms: GoldTerms, net_B, loglik_B, eos_B) -> jax.Array:
   return (raw - terms.mean) / terms.std
 
 
-def make_gold_fn(graphdef, net_mean: float, net_std: float, terms: GoldTerms):
+def make_gold_fn(graphdef, net_mean: float, net_std: float, terms: GoldTerms) -> "GoldFn":
   """``fn(params, ctx_BxC, resp_BxT, mask_BxT) -> (gold_B, parts)`` for ``params = {"net", "tables"}``.
 
   Pure and jittable: the network reads ``[context, response]`` with the context's non-PAD
@@ -137,21 +137,54 @@ def make_gold_fn(graphdef, net_mean: float, net_std: float, terms: GoldTerms):
   then :func:`combine` adds the coherence terms of a ``"coherent"`` gold. ``parts`` holds
   per-response diagnostics whatever the kind: ``gold/network`` (the normalised network
   score) and, when ``params["tables"]`` is given, ``loglik`` (:func:`response_loglik`, how
-  much the world would say this response).
+  much the world would say this response). :class:`GoldFn` also scores many responses to
+  one context from the context's cached states (``prefix`` / ``after_prefix``).
   """
-  from flax import nnx
+  return GoldFn(graphdef, float(net_mean), float(net_std), terms)
 
-  def fn(params, ctx_BxC, resp_BxT, mask_BxT):
-    net = nnx.merge(graphdef, params["net"])
+
+class GoldFn:
+  """The lab's gold as a pure function (:func:`make_gold_fn`), with a context-prefix path.
+
+  ``fn.prefix(params, ctx_ExC)`` runs the network over contexts once;
+  ``fn.after_prefix(params, prefix_B, ctx_BxC, resp_BxT, mask_BxT)`` then scores responses
+  from it (``prefix_B``: the prefix's rows taken for each response's context), running the
+  network over the ``T`` response positions only: the same score as ``fn(...)`` up to float
+  rounding, at ``T / (C + T)`` of the network's FLOPs. An evaluation that scores the same
+  eval prompts for every member and step computes the prefix once per run.
+  """
+
+  def __init__(self, graphdef, net_mean: float, net_std: float, terms: GoldTerms):
+    self.graphdef, self.net_mean, self.net_std, self.terms = graphdef, net_mean, net_std, terms
+
+  def _net(self, params):
+    from flax import nnx
+    return nnx.merge(self.graphdef, params["net"])
+
+  def __call__(self, params, ctx_BxC, resp_BxT, mask_BxT):
     tokens = jnp.concatenate([ctx_BxC, resp_BxT], axis=1)
     valid = jnp.concatenate([ctx_BxC != corpus_lib.PAD, mask_BxT > 0], axis=1)
-    net_B = (net(tokens, valid) - net_mean) / net_std
+    return self._finish(params, self._net(params)(tokens, valid), ctx_BxC, resp_BxT, mask_BxT)
+
+  def prefix(self, params, ctx_ExC):
+    """The network's states of each context (``RewardModel.prefix``), a pytree with rows
+    ``[E, ...]``: take rows (``jax.tree.map(lambda x: x[idx], prefix)``) to pair them with
+    responses."""
+    return self._net(params).prefix(ctx_ExC, ctx_ExC != corpus_lib.PAD)
+
+  def after_prefix(self, params, prefix_B, ctx_BxC, resp_BxT, mask_BxT):
+    """``self(params, ctx_BxC, resp_BxT, mask_BxT)`` from ``prefix_B`` (the rows of
+    :meth:`prefix` for ``ctx_BxC``)."""
+    raw = self._net(params).score_after(prefix_B, resp_BxT, mask_BxT > 0)
+    return self._finish(params, raw, ctx_BxC, resp_BxT, mask_BxT)
+
+  def _finish(self, params, raw_B, ctx_BxC, resp_BxT, mask_BxT):
+    net_B = (raw_B - self.net_mean) / self.net_std
     parts, gold = {"gold/network": net_B}, net_B
     if params["tables"]:
       parts["loglik"] = ll = response_loglik(params["tables"], ctx_BxC, resp_BxT, mask_BxT)
-      if terms.kind != "network":
-        gold = combine(terms, net_B, ll, sequences.ends_with_eos(resp_BxT, mask_BxT))
-    elif terms.kind != "network":
-      raise ValueError(f"a {terms.kind!r} gold needs the corpus tables (params['tables'])")
+      if self.terms.kind != "network":
+        gold = combine(self.terms, net_B, ll, sequences.ends_with_eos(resp_BxT, mask_BxT))
+    elif self.terms.kind != "network":
+      raise ValueError(f"a {self.terms.kind!r} gold needs the corpus tables (params['tables'])")
     return gold, parts
-  return fn
