@@ -206,11 +206,15 @@ def cache_len(wl: Workload, b: int) -> int:
 class Programs:
   """The sampler, prefill and one decode step for K members of B rows, compiled once."""
 
-  def __init__(self, wl: Workload, k: int, b: int, options=None):
-    self.wl, self.k, self.b = wl, k, b
+  def __init__(self, wl: Workload, k: int, b: int, options=None, per_context: int = 1):
+    self.wl, self.k, self.b, self.per_context = wl, k, b, per_context
+    if b % per_context:
+      raise SystemExit(f"--per-context {per_context} must divide every batch (B={b})")
     t = wl.response_len
     g, r = wl.graphdef, wl.rest
-    self.ctx = jnp.asarray(wl.contexts(b))
+    # B rows = B / per_context distinct contexts, each sampled per_context times
+    # (sampling.sample(..., repeats=per_context): one prefill per context)
+    self.ctx = jnp.asarray(wl.contexts(b // per_context))
     ctx = self.ctx
     c = wl.context_len
     # the decode step alone runs on a cache of the length the sampler's scan carries
@@ -218,7 +222,10 @@ class Programs:
     pre_len = None if _prefill_cache_len(wl, b) == self.cache_len else self.cache_len
 
     def one_sample(p, key):
-      return sampling.sample(nnx.merge(g, p, r), ctx, key, max_new_tokens=t)
+      if per_context == 1:
+        return sampling.sample(nnx.merge(g, p, r), ctx, key, max_new_tokens=t)
+      return sampling.sample(nnx.merge(g, p, r), ctx, key, max_new_tokens=t,
+                             repeats=per_context)
 
     def one_prefill(p):
       return prefill(nnx.merge(g, p, r), ctx, pre_len)
@@ -239,13 +246,20 @@ class Programs:
     self.sample = jax.jit(fs, **kw).lower(self.params, self.keys).compile()
     self.compile_s = time.perf_counter() - t0
     self.prefill = jax.jit(fp, **kw).lower(self.params).compile()
-    _, cache = self.prefill(self.params)
+    cache = self.expand(self.prefill(self.params)[1])
     self.token = jnp.full((k, b) if k > 1 else (b,), 5, jnp.int32)
     self.decode = jax.jit(fd, donate_argnums=2, **kw).lower(
         self.params, self.token, cache).compile()
     self.cost = {"sample": bench_sweep.xla_cost(self.sample),
                  "prefill": bench_sweep.xla_cost(self.prefill),
                  "decode": bench_sweep.xla_cost(self.decode)}
+
+  def expand(self, cache):
+    """The prefill's cache of the distinct contexts, repeated to the B rows a decode step
+    runs on (``[..., B, heads, S, head_dim]``)."""
+    if self.per_context == 1:
+      return cache
+    return jax.tree.map(lambda x: jnp.repeat(x, self.per_context, axis=-4), cache)
 
   def _block(self, fn, block_s: float, min_calls: int = 3) -> dict:
     fn()
@@ -268,7 +282,7 @@ class Programs:
 
     full = self._block(run_sample, block_s)
     pre = self._block(lambda: jax.block_until_ready(self.prefill(self.params)), block_s / 2)
-    state = {"cache": self.prefill(self.params)[1]}
+    state = {"cache": self.expand(self.prefill(self.params)[1])}
 
     def run_decode():
       logits, state["cache"] = self.decode(self.params, self.token, state["cache"])
@@ -482,7 +496,14 @@ def render(res: dict) -> str:
       f"jaxpr; `max_len` = {w['max_len']}); "
       f"contexts of C = {c} tokens (`[BOS] prompt [SEP]`), T = {t} new tokens, temperature 1, "
       f"no top-k/top-p. K > 1: `jax.vmap` over K stacked copies of the parameters and K keys "
-      f"(one device); K = 1: no vmap. Compiler options: {res['compiler_options']}.",
+      f"(one device); K = 1: no vmap. Compiler options: {res['compiler_options']}."
+      + (f" **Rows per context: {w['per_context']}** — B rows are B/{w['per_context']} "
+         f"contexts each sampled {w['per_context']} times (a best-of-n pool's shape), by "
+         f"`sample(..., repeats={w['per_context']})`, which prefills each context once; its "
+         "prefill row below is that prefill of B/R contexts. HF `generate` runs its B rows as "
+         "always (`num_return_sequences` would repeat the rows before the prefill the same "
+         "way; with EOS disabled its cost does not depend on which contexts)."
+         if w.get("per_context", 1) > 1 else ""),
       f"- **Timing:** everything compiles first; then {res['repeats']} rounds, each timing every "
       f"JAX configuration once (a block of ≥ 3 calls of ~{res['block_s']} s, median; each call "
       "ended by `jax.block_until_ready`) and then HF `generate` once per torch thread setting "
@@ -512,13 +533,13 @@ def render(res: dict) -> str:
   lines += [
       "## Prefill vs decode",
       "",
-      f"Prefill and one decode step each jitted and timed alone (vmapped like the sampler, on a "
-      f"cache of the sampler's length; the decode step at position C with the cache donated and fed back, as in the sampler's "
-      f"scan). *Implied decode/step* = (whole call − prefill) / (T − 1): everything after the "
-      f"prefill, per step, sampling ops and scan overhead included. The step alone pays one "
-      f"dispatch per call (~0.1–0.3 ms here) that the scan does not, so at small B the rest "
-      f"can be negative. HF's prefill is "
-      f"`generate(max_new_tokens=1)` and its decode/step (`generate(T)` − that) / (T − 1).",
+      "Prefill and one decode step each jitted and timed alone (vmapped like the sampler, on a "
+      "cache of the sampler's length; the decode step at position C with the cache donated and fed back, as in the sampler's "
+      "scan). *Implied decode/step* = (whole call − prefill) / (T − 1): everything after the "
+      "prefill, per step, sampling ops and scan overhead included. The step alone pays one "
+      "dispatch per call (~0.1–0.3 ms here) that the scan does not, so at small B the rest "
+      "can be negative. HF's prefill is "
+      "`generate(max_new_tokens=1)` and its decode/step (`generate(T)` − that) / (T − 1).",
       "",
       "| K | B | JAX whole call ms | JAX prefill ms | JAX decode step alone ms | (T−1) × step "
       "| JAX implied decode/step ms | rest = call − prefill − (T−1) × step | HF prefill ms | HF decode/step ms |",
@@ -662,6 +683,9 @@ def main(argv=None) -> int:
   ap.add_argument("--profile", default=None, metavar="KxB",
                   help="also profile the sampler of one row (e.g. 1x1024): op time by kind")
   ap.add_argument("--label", default="unlabelled", help="name of this run (stored in the JSON)")
+  ap.add_argument("--per-context", type=int, default=1, metavar="R",
+                  help="B rows = B/R contexts sampled R times each (sample(..., repeats=R): "
+                       "one prefill per context), e.g. a best-of-n pool; HF still runs B rows")
   ap.add_argument("--compare", default=None, metavar="OLD.json",
                   help="add a before/after table against an earlier run's JSON")
   ap.add_argument("--write", action="store_true",
@@ -705,7 +729,7 @@ def main(argv=None) -> int:
   progs = {}
   for k in ks:
     for b in batches:
-      p = progs[f"{k}x{b}"] = Programs(wl, k, b, options)
+      p = progs[f"{k}x{b}"] = Programs(wl, k, b, options, args.per_context)
       print(f"K={k} B={b}: sampler compiled in {p.compile_s:.1f} s", flush=True)
 
   rounds = {key: [] for key in progs}
@@ -746,7 +770,7 @@ def main(argv=None) -> int:
     row["cache_len"] = s
     row["analytic"] = decode_cost(wl.cfg, p.b, s)
     row["analytic_causal"] = decode_cost(wl.cfg, p.b, wl.context_len + t // 2)
-    row["analytic_prefill_flops"] = prefill_flops(wl.cfg, p.b, wl.context_len)
+    row["analytic_prefill_flops"] = prefill_flops(wl.cfg, p.b // p.per_context, wl.context_len)
     row["xla"] = p.cost
     row["compile_s"] = p.compile_s
     rows[key] = row
@@ -785,7 +809,8 @@ def main(argv=None) -> int:
                    "n_heads": c.n_heads, "d_ff": c.d_ff, "max_len": c.max_len,
                    "cache_len": cache_len(wl, batches[0]),
                    "n_params": model_lib.param_count(wl.params),
-                   "context_len": wl.context_len, "response_len": t},
+                   "context_len": wl.context_len, "response_len": t,
+                   "per_context": args.per_context},
       "repeats": args.repeats, "block_s": args.block_s,
       "hf_threads": [str(n) for n in hf_threads],
       "rows": rows, "hf": hf, "notes": notes, "profile": profile,

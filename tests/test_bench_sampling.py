@@ -106,3 +106,23 @@ def test_compare_table(quick_run):
       for k, r in res["rows"].items()}}
   assert "## Before/after: `old` (d) → `test`" in bench_sampling.render(res)
   assert "| 2.00× |" in bench_sampling.render(res)
+
+
+def test_per_context_programs_prefill_each_context_once_and_sample_the_repeated_rows():
+  """``--per-context R``: the B rows are B/R contexts sampled R times (``repeats=R``); the
+  timed prefill is the B/R contexts' and the decode step runs on the cache expanded to B rows."""
+  wl = bench_sampling.standin_workload("tiny")
+  p = bench_sampling.Programs(wl, 1, 8, None, per_context=4)
+  assert p.ctx.shape[0] == 2
+  tokens, mask = p.sample(p.params, p.keys)
+  assert tokens.shape == (8, wl.response_len)
+  from gpo_jax.core import sampling
+  want, _ = sampling.sample(nnx.merge(wl.graphdef, wl.params, wl.rest),
+                            jnp.repeat(p.ctx, 4, axis=0), p.keys, max_new_tokens=wl.response_len)
+  assert (tokens == want).all()
+  cache = p.expand(p.prefill(p.params)[1])
+  assert cache[0]["k"].shape[0] == 8
+  logits, _ = p.decode(p.params, p.token, cache)
+  assert logits.shape == (8, wl.cfg.vocab_size)
+  with pytest.raises(SystemExit, match="per-context"):
+    bench_sampling.Programs(wl, 1, 6, None, per_context=4)

@@ -84,7 +84,7 @@ BON_FILE = "bon.json"
 #: π_ref's scored pool is cached under ``<lab root>/POOL_CACHE_DIR/<lab dir>/``
 POOL_CACHE_DIR = "pools"
 #: bump when the sampler or the gold scoring changes what a pool holds
-POOL_CACHE_VERSION = 2
+POOL_CACHE_VERSION = 3
 #: the π_ref pool scored by gold and by every proxy (runs against a proxy only)
 POOL_FILE = "bon_pool.npz"
 SWEEP_AXIS = "sweep"     # the mesh axis members (and the proxy-scored pool's prompts) use
