@@ -1072,9 +1072,9 @@ def observations(cases: list[dict]) -> list[str]:
       "M/sweep), and shrinks with the `data` axis: " + "; ".join(
           f"{k} members → {rng(v, '.0f')} GB" for k, v in sorted(by_chunk.items()))
       + " across the compiled cases"
-      + (". The old program's lower peak came with "
+      + (". The old program also did "
          + rng([_redundancy(o, "eval") for o in old.values()], ".0f")
-         + "× repeated work." if all(old.values()) else "."),
+         + "× the ideal work." if all(old.values()) else "."),
       "- **Every estimate is HBM-bound** by XLA:CPU's bytes-accessed count"
       + (f" except {', '.join(f'{k} {kind}' for k, kind in sorted(bott))}" if bott else "")
       + f": e.g. `fsdp` on H200, compute {_fmt_t(comp_h200['t_compute_s'])}, HBM "
