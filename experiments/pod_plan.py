@@ -434,7 +434,7 @@ def build_programs(config, preset: str, n_members: int, *, with_eval: bool = Tru
     ev._pool_groups = lambda e: 1   # before 0c997c6: one lax.map over all members
     ev._data_devices = lambda: 1    # ... with no member's rows on `data`
   elif int(mesh.shape[sharding.DATA]) > 1:   # as Evaluator.__call__ sets it from the params
-    ev._weights_at_use = program.gathered_at_use(state_sh["params"], mesh)
+    ev._weights_at_use = sharding.gathered_at_use(state_sh["params"], mesh)
 
   def abstract_rep(tree):
     return jax.tree.map(lambda x: sds(np.shape(x), x.dtype), tree)

@@ -110,21 +110,6 @@ def step_key(seed: Array, step: Array) -> Array:
       jax.random.fold_in(jax.random.key(seed), _STEP_STREAM), step)
 
 
-def gathered_at_use(param_shardings, mesh):
-  """One member's weight shardings for use inside the member map: the stacked params'
-  ``param_shardings`` without their member axis and with ``data`` removed (the weight is
-  gathered over ``data`` where it is used, its ``model`` split kept: the FSDP pattern)."""
-  def gathered(sh):
-    rest = tuple(sh.spec)[1:]     # drop the member (sweep) axis: the loss sees one member
-    def strip(a):
-      if isinstance(a, tuple):
-        a = tuple(x for x in a if x != sharding.DATA)
-        return a or None
-      return None if a == sharding.DATA else a
-    return NamedSharding(mesh, PartitionSpec(*(strip(a) for a in rest)))
-  return jax.tree.map(gathered, param_shardings)
-
-
 def place_on_data(loss_fn: LossFn, mesh, param_shardings=None) -> LossFn:
   """The per-member loss with its batch split over the mesh's ``data`` axis.
 
@@ -142,7 +127,7 @@ def place_on_data(loss_fn: LossFn, mesh, param_shardings=None) -> LossFn:
     return loss_fn
   on_data = NamedSharding(mesh, PartitionSpec(sharding.DATA))
   wsc = jax.lax.with_sharding_constraint
-  inner = None if param_shardings is None else gathered_at_use(param_shardings, mesh)
+  inner = None if param_shardings is None else sharding.gathered_at_use(param_shardings, mesh)
 
   def loss(params, batch, hp, key):
     batch = {k: v if k == SHARED else jax.tree.map(

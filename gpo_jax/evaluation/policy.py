@@ -69,11 +69,11 @@ from flax import nnx
 from gpo_jax.core import logprobs
 from gpo_jax.core import sampling
 from gpo_jax.core import sequences
-from gpo_jax.engine import program
 from gpo_jax.evaluation import bon as bon_lib
 from gpo_jax.objectives import diagnostics
 from gpo_jax.proxies import selectors as selectors_lib
 from gpo_jax.runtime import distributed
+from gpo_jax.runtime import sharding as sharding_lib
 
 Array = jax.Array
 
@@ -731,7 +731,7 @@ class Evaluator:
     if self._weights_at_use is None and self._data_devices() > 1:
       shardings = jax.tree.map(lambda a: getattr(a, "sharding", None), params_M)
       if all(isinstance(x, jax.sharding.NamedSharding) for x in jax.tree.leaves(shardings)):
-        self._weights_at_use = program.gathered_at_use(shardings, self.sharding.mesh)
+        self._weights_at_use = sharding_lib.gathered_at_use(shardings, self.sharding.mesh)
     if self.gold_prefix is None and hasattr(self.gold_fn, "prefix"):
       self.gold_prefix = jax.jit(self._gold_prefix)(self.gold_state, self.prompts_ExP)
     aux = {"ref_params": self.ref_params, "gold_state": self.gold_state,

@@ -414,3 +414,18 @@ def check_replication(state: Any, shardings: Any, mesh: jax.sharding.Mesh,
         f"{max_replicated_fraction:.1%}. Replicated leaves: {largest}. Annotate these "
         "weights with logical axes (nnx.with_partitioning) or pick another preset/mesh.")
   return report
+
+
+def gathered_at_use(param_shardings, mesh):
+  """One member's weight shardings for use inside the member map: the stacked params'
+  ``param_shardings`` without their member axis and with ``data`` removed (the weight is
+  gathered over ``data`` where it is used, its ``model`` split kept: the FSDP pattern)."""
+  def gathered(sh):
+    rest = tuple(sh.spec)[1:]     # drop the member (sweep) axis: the loss sees one member
+    def strip(a):
+      if isinstance(a, tuple):
+        a = tuple(x for x in a if x != DATA)
+        return a or None
+      return None if a == DATA else a
+    return NamedSharding(mesh, PartitionSpec(*(strip(a) for a in rest)))
+  return jax.tree.map(gathered, param_shardings)
