@@ -331,6 +331,13 @@ class Transformer(nnx.Module):
     return self._logits(h_BxD), cache
 
 
+def _at_last_valid(h_BxLxD: Array, valid_BxL: Array) -> Array:
+  """``h`` at each row's last valid position (position 0 for a row with none), ``[B, D]``."""
+  idx_L = jnp.arange(h_BxLxD.shape[1])
+  last_B = jnp.max(jnp.where(valid_BxL.astype(bool), idx_L, 0), axis=-1)
+  return jnp.take_along_axis(h_BxLxD, last_B[:, None, None], axis=1)[:, 0]
+
+
 class RewardModel(nnx.Module):
   """The same causal trunk with a scalar head read at the last non-pad token.
 
@@ -356,10 +363,7 @@ class RewardModel(nnx.Module):
     if mask_BxL is None:
       mask_BxL = tokens_BxL != 0
     h_BxLxD, _ = self.decoder(self.decoder.embed(tokens_BxL))
-    idx_L = jnp.arange(tokens_BxL.shape[1])
-    last_B = jnp.max(jnp.where(mask_BxL.astype(bool), idx_L, 0), axis=-1)
-    h_BxD = jnp.take_along_axis(h_BxLxD, last_B[:, None, None], axis=1)[:, 0]
-    return self._head(h_BxD)
+    return self._head(_at_last_valid(h_BxLxD, mask_BxL))
 
   def _head(self, h_BxD: Array) -> Array:
     return h_BxD.astype(jnp.float32) @ self.w_head[...] + self.b_head[...]
@@ -375,20 +379,14 @@ class RewardModel(nnx.Module):
     if valid_BxC is None:
       valid_BxC = context_BxC != 0
     h_BxCxD, kv = self.decoder(self.decoder.embed(context_BxC))
-    idx_C = jnp.arange(context_BxC.shape[1])
-    last_B = jnp.max(jnp.where(valid_BxC.astype(bool), idx_C, 0), axis=-1)
-    h_last = jnp.take_along_axis(h_BxCxD, last_B[:, None, None], axis=1)[:, 0]
-    return {"kv": kv, "h_last": h_last}
+    return {"kv": kv, "h_last": _at_last_valid(h_BxCxD, valid_BxC)}
 
   def score_after(self, prefix: dict[str, Any], tokens_BxT: Array, valid_BxT: Array) -> Array:
     """``self(concat(context, tokens), concat(valid_ctx, valid_BxT))`` from the context's
     :meth:`prefix` (rows aligned with ``tokens_BxT``): only the ``T`` new positions run."""
     h_BxTxD = self.decoder.extend(tokens_BxT, prefix["kv"])
-    valid = valid_BxT.astype(bool)
-    idx_T = jnp.arange(tokens_BxT.shape[1])
-    last_B = jnp.max(jnp.where(valid, idx_T, 0), axis=-1)
-    h_BxD = jnp.take_along_axis(h_BxTxD, last_B[:, None, None], axis=1)[:, 0]
-    h_BxD = jnp.where(jnp.any(valid, axis=-1)[:, None], h_BxD, prefix["h_last"])
+    h_BxD = jnp.where(jnp.any(valid_BxT.astype(bool), axis=-1)[:, None],
+                      _at_last_valid(h_BxTxD, valid_BxT), prefix["h_last"])
     return self._head(h_BxD)
 
 
