@@ -38,6 +38,16 @@ class Finding:
   text: str
 
 
+def render_findings(findings, closing: str) -> list[str]:
+  """A report's ``## Findings`` section as markdown lines: each finding numbered with its
+  question and verdict, then its text, then ``closing`` (how the report states its tests'
+  level and power)."""
+  out = ["## Findings", ""]
+  for i, f in enumerate(findings, 1):
+    out += [f"### {i}. {f.question} — **{f.verdict}**", "", f.text, ""]
+  return out + [closing, ""]
+
+
 def fmt(x) -> str:
   """Numbers as cited in findings: 3 significant digits, integers exact."""
   x = float(x)

@@ -70,7 +70,7 @@ from gpo_jax.analysis import frontier as frontier_lib
 from gpo_jax.analysis import incontext_pool
 from gpo_jax.analysis import inference
 from gpo_jax.analysis import online
-from gpo_jax.analysis.findings import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED, Finding, Thresholds, fmt
+from gpo_jax.analysis.findings import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED, Finding, Thresholds, fmt, render_findings
 from gpo_jax.analysis.report import md_table
 from gpo_jax.analysis.table import METRICS_FILE, Run, load_run, read_jsonl
 
@@ -1052,11 +1052,8 @@ def render_markdown(rep: InContextReport) -> str:
                               f"{fmt(len(mea))} odd ones measure)." if rep.n_prompts else
                               " No per-prompt arrays: no paired comparisons."), ""]
   out += [f"- {n}" for n in rep.notes] + ([""] if rep.notes else [])
-  out += ["## Findings", ""]
-  for i, f in enumerate(rep.findings, 1):
-    out += [f"### {i}. {f.question} — **{f.verdict}**", "", f.text, ""]
-  out += [f"Every test is at level {fmt(th.alpha)} (one-sided); minimum detectable effects (MDE) "
-          f"are at {fmt(100 * th.power)}% power.", ""]
+  out += render_findings(rep.findings, f"Every test is at level {fmt(th.alpha)} (one-sided); "
+                         f"minimum detectable effects (MDE) are at {fmt(100 * th.power)}% power.")
   if FIGURE_NAME in rep.figures:
     png, svg = rep.figures[FIGURE_NAME]
     out += ["## Gold vs KL", "", f"![in-context methods vs offline GPO]({rel(png)})", "",

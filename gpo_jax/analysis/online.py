@@ -44,7 +44,7 @@ from scipy import special
 
 from gpo_jax.analysis import frontier as frontier_lib
 from gpo_jax.analysis import inference
-from gpo_jax.analysis.findings import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED, Finding, Thresholds, fmt
+from gpo_jax.analysis.findings import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED, Finding, Thresholds, fmt, render_findings
 from gpo_jax.analysis.report import md_table
 from gpo_jax.analysis.table import CONFIG_FILE, METRICS_FILE, Run, load_run
 
@@ -628,11 +628,8 @@ def render_markdown(rep: OnlineReport) -> str:
              f"measured on the {fmt(len(mea))} odd ones." if rep.samples else
              "no per-sample gold, so no win rates."), ""]
   out += [f"- {n}" for n in rep.notes] + ([""] if rep.notes else [])
-  out += ["## Findings", ""]
-  for i, f in enumerate(rep.findings, 1):
-    out += [f"### {i}. {f.question} — **{f.verdict}**", "", f.text, ""]
-  out += [f"Every test is at level {fmt(th.alpha)} (one-sided); minimum detectable effects (MDE) "
-          f"are at {fmt(100 * th.power)}% power.", ""]
+  out += render_findings(rep.findings, f"Every test is at level {fmt(th.alpha)} (one-sided); "
+                         f"minimum detectable effects (MDE) are at {fmt(100 * th.power)}% power.")
   if FIGURE_NAME in rep.figures:
     png, svg = rep.figures[FIGURE_NAME]
     out += ["## Frontiers", "", f"![online vs offline frontiers]({rel(png)})", "",

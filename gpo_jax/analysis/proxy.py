@@ -20,7 +20,7 @@ import pathlib
 
 import pandas as pd
 
-from gpo_jax.analysis.findings import Finding, Thresholds, fmt
+from gpo_jax.analysis.findings import Finding, Thresholds, fmt, render_findings
 from gpo_jax.analysis.proxy_evidence import (BAR_Z, IMPLICIT, REWARD_MODEL, BonResult, BonVsRl,
                                              PeakVsProxy, Pool, RlResult, bon_curves, bon_table,
                                              bon_tests, bon_vs_rl, ensembles_vs_singles,
@@ -192,12 +192,10 @@ def render_markdown(rep: ProxyReport) -> str:
          f"{fmt(rep.rl.gold.shape[-1]) if rep.rl.gold is not None else 'n/a'} prompts. Gold and proxy "
          "are reference-subtracted per prompt (π_ref's pool mean), so R(0) = 0; every comparison is "
          "paired over prompts.", ""]
-  out += ["## Findings", ""]
-  for i, f in enumerate(rep.findings, 1):
-    out += [f"### {i}. {f.question} — **{f.verdict}**", "", f.text, ""]
-  out += [f"Every test is one-sided at level {fmt(th.alpha)}; minimum detectable effects (MDE) are at "
-          f"{fmt(100 * th.power)}% power. \"Peaks and falls\" needs z ≥ {fmt(BAR_Z)}: the peak is "
-          "chosen on the even prompts and the drop measured on the odd ones, paired.", ""]
+  out += render_findings(
+      rep.findings, f"Every test is one-sided at level {fmt(th.alpha)}; minimum detectable effects "
+      f"(MDE) are at {fmt(100 * th.power)}% power. \"Peaks and falls\" needs z ≥ {fmt(BAR_Z)}: the "
+      "peak is chosen on the even prompts and the drop measured on the odd ones, paired.")
   if not rep.proxies.empty:
     out += ["## Proxies", "", "Final eval of each proxy's run. A reward model (kind reward_model): "
             "gold accuracy on held-out pairs, ECE, correlation with gold. An implicit reward (kind "

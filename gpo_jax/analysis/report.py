@@ -11,7 +11,7 @@ import pandas as pd
 from gpo_jax.analysis import findings as findings_lib
 from gpo_jax.analysis import frontier as frontier_lib
 from gpo_jax.analysis import evidence, gao, inference, plots, stats
-from gpo_jax.analysis.findings import Finding, Thresholds, fmt
+from gpo_jax.analysis.findings import Finding, Thresholds, fmt, render_findings
 from gpo_jax.analysis.table import Run, load_run
 
 REPORT_DIR = "report"
@@ -251,11 +251,8 @@ def render_markdown(rep: Report) -> str:
   if "frontiers_all" in rep.figures:
     out += [f"![frontiers of all families]({rel(rep.figures['frontiers_all'][0])})", "",
             f"*{FIGURE_CAPTIONS['frontiers_all']}*", ""]
-  out += ["## Findings", ""]
-  for i, f in enumerate(rep.findings, 1):
-    out += [f"### {i}. {f.question} — **{f.verdict}**", "", f.text, ""]
-  out += [f"Every test is at level {fmt(th.alpha)}; minimum detectable effects (MDE) are at "
-          f"{fmt(100 * th.power)}% power.", ""]
+  out += render_findings(rep.findings, f"Every test is at level {fmt(th.alpha)}; minimum "
+                         f"detectable effects (MDE) are at {fmt(100 * th.power)}% power.")
   out += ["## Summary per family", "",
           "Best gold and its KL are pooled over β and steps (descriptive: the maximum of noisy points is biased "
           f"up); best β is the argmax at step {fmt(ov['step_budget'])} (descriptive); δ is the registration "
