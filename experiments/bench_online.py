@@ -797,24 +797,10 @@ def main(argv=None) -> int:
         f"GFLOP/s: {wl.response_len - 1} sequential decode steps of {2 * args.batch_size}-row "
         "matmuls (π alone for online-DPO members), latency- not FLOP-bound.")
   shares = [r.get("other_cpu") for r in by_k.values()] + [trl.get("other_cpu")]
-  shares = [x for x in shares if x is not None]
-  if shares and max(shares) > 0.1:
-    notes.append(f"Other processes took up to {100 * max(shares):.0f} % of the CPU during a "
-                 "measurement: rows with a high share understate this machine.")
-  loads = [load_start[0], load_trl[0]] + [r["load"][0] for r in by_k.values()]
-  cores = os.cpu_count() or 1
-  if max(loads) > 1.25 * cores:
-    notes.append(f"1-min load average reached {max(loads):.1f} on {cores} cores: other "
-                 "processes shared the CPU, so these numbers understate this machine.")
+  notes += bench_sweep.contention_notes(
+      shares, [load_start[0], load_trl[0]] + [r["load"][0] for r in by_k.values()])
   res["wall_s"] = time.perf_counter() - t_start
-  md = render(res)
-  print(md)
-  if args.write:
-    with open(args.write, "w") as f:
-      f.write(md)
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(res, f, indent=1, default=str)
+  bench_sweep.write_outputs(render(res), res, args.write, args.json)
   return 0
 
 

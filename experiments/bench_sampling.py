@@ -821,26 +821,13 @@ def main(argv=None) -> int:
                       "rows": {k: {f: v[f] for f in ("tokens_per_s", "decode_step_s")}
                                for k, v in compare.get("rows", {}).items()}}
   notes += time_notes(res)
-  shares = [x for r in rows.values() for x in r["all_other_cpu"] if x is not None]
-  if shares and max(shares) > 0.1:
-    notes.append(f"Other processes took up to {100 * max(shares):.0f} % of the CPU during a JAX "
-                 "measurement; each row keeps its fastest round.")
-  loads = [load_start[0], load_end[0]] + [x[0] for x in load_rounds]
-  cores = os.cpu_count() or 1
-  if max(loads) > 1.25 * cores:
-    notes.append(f"1-min load average reached {max(loads):.1f} on {cores} cores: other "
-                 "processes shared the CPU, so these numbers understate this machine.")
+  notes += bench_sweep.contention_notes(
+      [x for r in rows.values() for x in r["all_other_cpu"]],
+      [load_start[0], load_end[0]] + [x[0] for x in load_rounds],
+      share_tail="each row keeps its fastest round.")
   res["wall_s"] = time.perf_counter() - t_start
-  md = render(res)
-  print(md)
-  md_path = args.md or (DEFAULT_MD if args.write else None)
-  json_path = args.json or (DEFAULT_JSON if args.write else None)
-  if md_path:
-    with open(md_path, "w") as f:
-      f.write(md)
-  if json_path:
-    with open(json_path, "w") as f:
-      json.dump(res, f, indent=1, default=str)
+  bench_sweep.write_outputs(render(res), res, args.md or (DEFAULT_MD if args.write else None),
+                            args.json or (DEFAULT_JSON if args.write else None))
   return 0
 
 

@@ -65,6 +65,34 @@ REPO = os.path.dirname(HERE)
 # ----------------------------------------------------------------------------- machine
 
 
+def contention_notes(shares, loads, share_tail: str = "rows with a high share understate "
+                     "this machine.") -> list[str]:
+  """Notes for a report when the machine was shared: other processes' CPU share (``shares``,
+  fractions measured by :class:`OtherCpu`, None where not measured) above 10 %, or a 1-min
+  load average (``loads``) above 1.25 × the cores."""
+  out = []
+  shares = [x for x in shares if x is not None]
+  if shares and max(shares) > 0.1:
+    out.append(f"Other processes took up to {100 * max(shares):.0f} % of the CPU during a "
+               f"measurement: {share_tail}")
+  cores = os.cpu_count() or 1
+  if loads and max(loads) > 1.25 * cores:
+    out.append(f"1-min load average reached {max(loads):.1f} on {cores} cores: other "
+               "processes shared the CPU, so these numbers understate this machine.")
+  return out
+
+
+def write_outputs(md: str, res: dict, md_path: str | None, json_path: str | None) -> None:
+  """Prints the report and writes it (``md_path``) and the raw results (``json_path``)."""
+  print(md)
+  if md_path:
+    with open(md_path, "w") as f:
+      f.write(md)
+  if json_path:
+    with open(json_path, "w") as f:
+      json.dump(res, f, indent=1, default=str)
+
+
 def load_avg() -> tuple[float, float, float]:
   return tuple(round(x, 2) for x in os.getloadavg())
 
@@ -812,23 +840,11 @@ def main(argv=None) -> int:
   res["notes"] += target_notes(by_k, trl, ceiling)
   shares = [r[k].get("other_cpu") for r in by_k.values()
             for k in ("looped", "vectorised", "sequential")]
-  shares = [x for x in shares + [trl.get("other_cpu")] if x is not None]
-  if shares and max(shares) > 0.1:
-    res["notes"].append(f"Other processes took up to {100 * max(shares):.0f} % of the CPU during "
-                        "a measurement: rows with a high share understate this machine.")
-  loads = [load_start[0], load_trl[0]] + [r["load"][0] for r in by_k.values()]
-  if max(loads) > 2.5:
-    res["notes"].append(f"1-min load average reached {max(loads):.1f} on 2 cores: other "
-                        "processes shared the CPU, so these numbers understate this machine.")
+  res["notes"] += contention_notes(
+      shares + [trl.get("other_cpu")],
+      [load_start[0], load_trl[0]] + [r["load"][0] for r in by_k.values()])
   res["wall_s"] = time.perf_counter() - t_start
-  md = render(res)
-  print(md)
-  if args.write:
-    with open(args.write, "w") as f:
-      f.write(md)
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(res, f, indent=1, default=str)
+  write_outputs(render(res), res, args.write, args.json)
   return 0
 
 

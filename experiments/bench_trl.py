@@ -95,6 +95,19 @@ def torch_matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
   return 2 * n**3 / best / 1e9
 
 
+def step_times(ends: list[float], warmup: int, steps: int, t_start: float) -> dict:
+  """Per-step timing from the step-end clock readings of a trainer callback: the median and
+  mean of the ``steps`` gaps after ``warmup`` steps, and the first step's time (compile and
+  setup)."""
+  if len(ends) != warmup + steps:
+    raise SystemExit(f"expected {warmup + steps} step callbacks, got {len(ends)}")
+  dts = np.diff(ends[warmup - 1:])
+  ms = 1e3 * statistics.median(dts)
+  return {"ms_per_step": ms, "ms_per_step_mean": 1e3 * float(np.mean(dts)),
+          "updates_per_s": 1e3 / ms, "steps_timed": int(dts.size), "warmup": warmup,
+          "first_step_s": ends[0] - t_start}
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--data", required=True, help="pairs .npz written by bench_sweep.py")
@@ -158,18 +171,9 @@ def main(argv=None) -> int:
     batch = next(iter(trainer.get_train_dataloader()))
     t_start = time.perf_counter()
     trainer.train()
-  if len(ends) != args.warmup + args.steps:
-    raise SystemExit(f"expected {args.warmup + args.steps} step callbacks, got {len(ends)}")
-  dts = np.diff(ends[args.warmup - 1:])
-  ms = 1e3 * statistics.median(dts)
   result = {
       "ok": True,
-      "ms_per_step": ms,
-      "ms_per_step_mean": 1e3 * float(np.mean(dts)),
-      "updates_per_s": 1e3 / ms,
-      "steps_timed": int(dts.size),
-      "warmup": args.warmup,
-      "first_step_s": ends[0] - t_start,
+      **step_times(ends, args.warmup, args.steps, t_start),
       "batch_input_shape": list(batch["input_ids"].shape),
       "n_params": int(n_params),
       "torch_threads": torch.get_num_threads(),

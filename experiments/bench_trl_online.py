@@ -37,7 +37,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -45,7 +44,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_trl import BOS, EOS, PAD, make_tokenizer, token_text, torch_matmul_gflops  # noqa: E402
+from bench_trl import (BOS, EOS, PAD, make_tokenizer, step_times, token_text,  # noqa: E402
+                       torch_matmul_gflops)
 
 
 def online_dpo_classes():
@@ -143,19 +143,10 @@ def main(argv=None) -> int:
     trainer._generate = measured
     t_start = time.perf_counter()
     trainer.train()
-  if len(ends) != args.warmup + args.steps:
-    raise SystemExit(f"expected {args.warmup + args.steps} step callbacks, got {len(ends)}")
-  dts = np.diff(ends[args.warmup - 1:])
-  ms = 1e3 * statistics.median(dts)
   result = {
       "ok": True,
       "trainer": trainer_path,
-      "ms_per_step": ms,
-      "ms_per_step_mean": 1e3 * float(np.mean(dts)),
-      "updates_per_s": 1e3 / ms,
-      "steps_timed": int(dts.size),
-      "warmup": args.warmup,
-      "first_step_s": ends[0] - t_start,
+      **step_times(ends, args.warmup, args.steps, t_start),
       "n_params": int(sum(p.numel() for p in model.parameters())),
       "n_params_reward": int(sum(p.numel() for p in reward.parameters())),
       "reward_arg": "reward_funcs=GPT2ForSequenceClassification(...)",
