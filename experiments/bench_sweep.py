@@ -129,17 +129,21 @@ class OtherCpu:
     return False
 
 
-def machine_info() -> dict:
-  """CPU model, core counts and the JAX device kind."""
-  model_name = platform.processor() or "unknown"
+def cpu_model(default: str | None = None) -> str:
+  """The CPU's model name (``/proc/cpuinfo``; else ``default`` or ``platform.processor()``)."""
   try:
     with open("/proc/cpuinfo") as f:
       for line in f:
         if line.startswith("model name"):
-          model_name = line.split(":", 1)[1].strip()
-          break
+          return line.split(":", 1)[1].strip()
   except OSError:
     pass
+  return default or platform.processor() or "unknown"
+
+
+def machine_info() -> dict:
+  """CPU model, core counts and the JAX device kind."""
+  model_name = cpu_model()
   dev = jax.devices()[0]
   return {
       "cpu": model_name,

@@ -1100,15 +1100,8 @@ def observations(cases: list[dict]) -> list[str]:
 
 def _machine() -> dict:
   import importlib.metadata as md
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          cpu = line.split(":", 1)[1].strip()
-          break
-  except OSError:
-    pass
+  import bench_sweep   # (the CPU model: one place)
+  cpu = bench_sweep.cpu_model(platform.processor() or platform.machine())
   vers = {}
   for pkg in ("jax", "jaxlib", "flax"):
     try:
