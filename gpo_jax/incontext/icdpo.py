@@ -309,8 +309,9 @@ class ICDPOResult:
     return [r for r in self.rows if all(r.get(k) == v for k, v in match.items())]
 
 
-class _Runner:
-  """The jitted pieces of one evaluation, batched to ``batch_size`` rows."""
+class Runner:
+  """The jitted pieces of an ICDPO evaluation (sampling, scoring, log-probs, gold), batched to
+  ``batch_size`` rows; also what :mod:`gpo_jax.incontext.pool_bon` scores a pool with."""
 
   def __init__(self, lab, cfg: ICDPOConfig):
     self.cfg = cfg
@@ -353,7 +354,7 @@ def _mean_se(x_E: np.ndarray) -> tuple[float, float]:
   return float(np.mean(x_E)), se
 
 
-def _candidate_measures(runner: _Runner, ctx_base_ExC, resp, mask, ref_gold_ExR,
+def _candidate_measures(runner: Runner, ctx_base_ExC, resp, mask, ref_gold_ExR,
                         ref_mean_E) -> dict[str, np.ndarray]:
   """Per-candidate gold (reference-subtracted), win rate, length, EOS; ``[E, n]`` each."""
   e, r = ref_gold_ExR.shape
@@ -392,7 +393,7 @@ def evaluate(lab, cfg: ICDPOConfig = ICDPOConfig(), *, retrieval_dir: str | None
     retrieval_lib.check_k(int(k), corpus.cfg, lab.policy_cfg.max_len)
   ns = np.asarray(sorted({int(n) for n in cfg.ns}), np.int64)
   k_max = max(cfg.ks)
-  runner = _Runner(lab, cfg)
+  runner = Runner(lab, cfg)
   pool = retrieval_lib.DemoPool.from_lab(lab, "train")
   model = lab.policy()
   n_eval = cfg.n_prompts or len(lab.eval_prompts)
@@ -503,7 +504,7 @@ def evaluate(lab, cfg: ICDPOConfig = ICDPOConfig(), *, retrieval_dir: str | None
   return ICDPOResult(rows=rows, per_prompt=per_prompt, reward_rows=reward_rows, info=info)
 
 
-def _reward_accuracy(lab, runner: _Runner, cfg: ICDPOConfig, get_demos,
+def _reward_accuracy(lab, runner: Runner, cfg: ICDPOConfig, get_demos,
                      retrieval_keys) -> list[dict[str, Any]]:
   """Accuracy of ``S`` (and likelihood baselines) against the gold ordering of test pairs."""
   pairs = lab.pairs("test")

@@ -137,7 +137,7 @@ def score_pool(lab, tokens_ExNxT: np.ndarray, mask_ExNxT: np.ndarray, *, ks=(2,)
   cfg = icdpo.ICDPOConfig(ns=(1,), ks=tuple(int(k) for k in ks), retrievers=tuple(retrievers),
                           contrasts=tuple(contrasts), gold_quantile=gold_quantile, seed=seed,
                           pool_per_prompt=1, ref_samples_per_prompt=1, batch_size=batch_size)
-  runner = icdpo._Runner(lab, cfg)
+  runner = icdpo.Runner(lab, cfg)
   model = lab.policy()
   demo_pool = retrieval_lib.DemoPool.from_lab(lab, "train")
   ctx_base = np.asarray(lab.eval_prompts[:e], np.int32)
