@@ -26,7 +26,7 @@ after compiling each program once:
 Analytic FLOPs of one evaluation, per member (``E`` prompts × ``n`` samples, contexts of
 ``C`` and responses of ``T`` tokens, ``L = C + T``, ``F(model)`` = forward FLOPs per token =
 2 × matmul parameters + the attention terms): π and π_ref sampled side by side
-``2·E·n·L·F(π)``; gold over the responses ``E·n·T·F(gold)`` (the contexts' ``E·C·F(gold)``
+``2·(E·C + E·n·T)·F(π)`` (each prompt prefilled once for its ``n`` samples); gold over the responses ``E·n·T·F(gold)`` (the contexts' ``E·C·F(gold)``
 once per run, not counted); offline diagnostics ``(1 + 1/chunk)·2·P·L·F(π)`` on ``P`` test
 pairs. The two-pass path: sampling ``E·n·L·F(π)``, policy and π_ref forward
 ``2·E·n·L·F(π)``, gold ``E·n·L·F(gold)``, the same offline diagnostics. The train step per member: ``3 · 2·B·L·F(π)`` (forward and backward of both
@@ -84,7 +84,7 @@ def analytic(config, lab, m: int) -> dict:
   p = min(config.eval.n_test_pairs or 10**9, len(lab.pairs("test")["chosen"]))
   chunk = min(config.eval.member_chunk, m)
   offline = (1 + 1 / chunk) * 2 * p * length * f_pi
-  parts = {"π and π_ref sampled side by side": 2 * e * n * length * f_pi,
+  parts = {"π and π_ref sampled side by side": 2 * (e * c + e * n * t) * f_pi,
            "gold (response positions)": e * n * t * f_gold,
            "offline diagnostics": offline}
   two_pass = {"sampling": e * n * length * f_pi,

@@ -289,3 +289,5 @@ def test_repeats_prefill_each_context_once_and_give_the_repeated_rows():
   for bad in (0, -1, 2.0, True):
     with pytest.raises(ValueError, match="repeats"):
       gs.sample(model, ctx, key, max_new_tokens=4, repeats=bad)
+  # a NumPy integer (e.g. a config value) is a valid count
+  assert gs.sample(model, ctx, key, max_new_tokens=4, repeats=np.int64(2))[0].shape == (6, 4)

@@ -127,7 +127,7 @@ def sample(
   """
   cfg = model.cfg
   _validate(max_new_tokens, temperature, top_k, top_p, cfg.vocab_size)
-  _check_repeats(repeats)
+  repeats = _check_repeats(repeats)
   b, c = context_BxC.shape[0] * repeats, context_BxC.shape[1]
   if c + max_new_tokens > cfg.max_len:
     raise ValueError(
@@ -159,9 +159,10 @@ def sample(
   return tokens_BxT, mask_BxT
 
 
-def _check_repeats(repeats):
-  if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
+def _check_repeats(repeats) -> int:
+  if not isinstance(repeats, (int, np.integer)) or isinstance(repeats, bool) or repeats < 1:
     raise ValueError(f"repeats must be a positive int (static), got {repeats!r}.")
+  return int(repeats)
 
 
 def _prefill(prefill_fn, context_BxC, cache_len, repeats: int, axis: int = 0):
@@ -211,7 +212,7 @@ def sample_measured(
   from gpo_jax.core import logprobs   # (no cycle: logprobs imports nothing of ours)
 
   cfg = model_fn(jax.tree.map(lambda x: x[0], pair_state)).cfg
-  _check_repeats(repeats)
+  repeats = _check_repeats(repeats)
   b, c = context_BxC.shape[0] * repeats, context_BxC.shape[1]
   _validate(max_new_tokens, 1.0, None, None, cfg.vocab_size)
   if c + max_new_tokens > cfg.max_len:

@@ -730,7 +730,8 @@ class Evaluator:
       raise RuntimeError("call Evaluator.reference() before evaluating members.")
     if self._weights_at_use is None and self._data_devices() > 1:
       shardings = jax.tree.map(lambda a: getattr(a, "sharding", None), params_M)
-      if all(isinstance(x, jax.sharding.NamedSharding) for x in jax.tree.leaves(shardings)):
+      leaves = jax.tree.leaves(shardings, is_leaf=lambda x: x is None)
+      if leaves and all(isinstance(x, jax.sharding.NamedSharding) for x in leaves):
         self._weights_at_use = sharding_lib.gathered_at_use(shardings, self.sharding.mesh)
     if self.gold_prefix is None and hasattr(self.gold_fn, "prefix"):
       self.gold_prefix = jax.jit(self._gold_prefix)(self.gold_state, self.prompts_ExP)
