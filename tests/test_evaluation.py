@@ -200,3 +200,21 @@ def test_measuring_while_sampling_equals_the_two_pass_evaluation(case):
   np.testing.assert_array_equal(res[evaluation.SHOWN + "response"],
                                 old[evaluation.SHOWN + "response"])
   assert float(np.max(res["kl"])) > 0.05 and float(np.std(res["gold/reward"])) > 0
+
+
+def test_a_gold_function_without_a_prefix_path_scores_whole_sequences(case):
+  """A user-supplied gold function (a plain callable, no ``prefix``/``after_prefix``) is
+  called on whole sequences; it gives the lab gold's metrics (same function underneath)."""
+  ev = case["ev"]
+  plain = lambda p, c, r, m: ev.gold_fn(p, c, r, m)  # noqa: E731
+  assert not hasattr(plain, "prefix")
+  other = evaluation.Evaluator(
+      graphdef=case["graphdef"], rest=case["rest"], ref_params=case["ref"], gold_fn=plain,
+      gold_params=ev.gold_state, eval_prompts=case["eval_prompts"], test_pairs=case["test"],
+      ecfg=ev.ecfg)
+  other.reference()
+  assert other.ref_gold_mean == pytest.approx(ev.ref_gold_mean, abs=1e-5)
+  res = other(case["stacked"], case["members"].hparams(), 5)
+  assert other.gold_prefix is None
+  for name in ("gold/reward", "gold/win_rate", "gold/network"):
+    np.testing.assert_allclose(res[name], case["res"][name], rtol=1e-4, atol=1e-5, err_msg=name)
