@@ -137,10 +137,8 @@ def sample(
   choose = lambda logits, k, done: _choose(  # noqa: E731
       logits, k, done, temperature, top_k, top_p, eos_id, pad_id)
 
-  # The cache holds exactly the C + T - 1 positions ever fed (the last token is never fed
-  # back): decode steps attend over those, not over max_len.
-  cache_len = c + max_new_tokens - 1 if max_new_tokens > 1 else c
-  logits_BxV, cache = _prefill(model.prefill, context_BxC, cache_len, repeats)
+  logits_BxV, cache = _prefill(model.prefill, context_BxC, _cache_len(c, max_new_tokens),
+                               repeats)
   first = choose(logits_BxV, keys[0], jnp.zeros((b,), bool))
 
   def step(carry, xs):
@@ -150,13 +148,28 @@ def sample(
     token_B, in_response_B, done_B = choose(logits_BxV, k, done_B)
     return (cache, token_B, done_B), (token_B, in_response_B)
 
-  # The last sampled token is never fed back, so T-1 decode steps suffice.
-  positions = c + jnp.arange(max_new_tokens - 1, dtype=jnp.int32)
-  _, (tokens_TxB, in_resp_TxB) = jax.lax.scan(
-      step, (cache, first[0], first[2]), (positions, keys[1:]))
-  tokens_BxT = jnp.concatenate([first[0][:, None], tokens_TxB.T], axis=1)
-  mask_BxT = jnp.concatenate([first[1][:, None], in_resp_TxB.T], axis=1).astype(jnp.float32)
+  _, tokens_BxT, mask_BxT = _decode(step, (cache, first[0], first[2]), first[0], first[1],
+                                    c, keys)
   return tokens_BxT, mask_BxT
+
+
+def _cache_len(c: int, t: int) -> int:
+  """KV-cache slots of a sampler: exactly the ``C + T − 1`` positions ever fed (the last
+  sampled token is never fed back), so decode steps attend over those, not ``max_len``."""
+  return c + t - 1 if t > 1 else c
+
+
+def _decode(step, carry, token0_B, in0_B, c: int, keys):
+  """The decode scan of a sampler: ``step(carry, (pos, key)) -> (carry, (token_B,
+  in_response_B))`` at positions ``C .. C+T−2`` with ``keys[1:]`` (the first token came from
+  the prefill with ``keys[0]``; the last is never fed back, so ``T − 1`` steps suffice).
+  Returns the final carry, tokens ``[B, T]`` (int32) and the response mask ``[B, T]``
+  (float32)."""
+  positions = c + jnp.arange(keys.shape[0] - 1, dtype=jnp.int32)
+  carry, (tokens_TxB, in_resp_TxB) = jax.lax.scan(step, carry, (positions, keys[1:]))
+  tokens_BxT = jnp.concatenate([token0_B[:, None], tokens_TxB.T], axis=1)
+  mask_BxT = jnp.concatenate([in0_B[:, None], in_resp_TxB.T], axis=1).astype(jnp.float32)
+  return carry, tokens_BxT, mask_BxT
 
 
 def _check_repeats(repeats) -> int:
@@ -220,7 +233,6 @@ def sample_measured(
         f"context length {c} + max_new_tokens {max_new_tokens} exceeds max_len={cfg.max_len}."
     )
   keys = jax.random.split(key, max_new_tokens)
-  cache_len = c + max_new_tokens - 1 if max_new_tokens > 1 else c
   pair_prefill = lambda ctx, n: jax.vmap(lambda st: model_fn(st).prefill(ctx, n))(pair_state)  # noqa: E731
   decode = jax.vmap(lambda st, tok, pos, cache: model_fn(st).decode_step(tok, pos, cache),
                     in_axes=(0, None, None, 0))
@@ -237,7 +249,8 @@ def sample_measured(
              "entropy": logprobs.token_entropy(pol)[:, 0] * m}
     return token_B, in_resp_B, done_B, stats
 
-  logits_2xBxV, cache = _prefill(pair_prefill, context_BxC, cache_len, repeats, axis=1)
+  logits_2xBxV, cache = _prefill(pair_prefill, context_BxC, _cache_len(c, max_new_tokens),
+                                 repeats, axis=1)
   tok0, in0, done0, sums = choose(logits_2xBxV, keys[0], jnp.zeros((b,), bool))
 
   def step(carry, xs):
@@ -248,11 +261,8 @@ def sample_measured(
     sums = jax.tree.map(jnp.add, sums, stats)
     return (cache, token_B, done_B, sums), (token_B, in_resp_B)
 
-  positions = c + jnp.arange(max_new_tokens - 1, dtype=jnp.int32)
-  (_, _, _, sums), (tokens_TxB, in_resp_TxB) = jax.lax.scan(
-      step, (cache, tok0, done0, sums), (positions, keys[1:]))
-  tokens_BxT = jnp.concatenate([tok0[:, None], tokens_TxB.T], axis=1)
-  mask_BxT = jnp.concatenate([in0[:, None], in_resp_TxB.T], axis=1).astype(jnp.float32)
+  (_, _, _, sums), tokens_BxT, mask_BxT = _decode(step, (cache, tok0, done0, sums), tok0, in0,
+                                                  c, keys)
   return tokens_BxT, mask_BxT, sums
 
 
@@ -334,7 +344,7 @@ def sample_mixture(
     return _choose(mixture_logits(logits, ref_logits, beta_B), k, done, 1.0, None, None,
                    eos_id, pad_id)
 
-  cache_len = c + max_new_tokens - 1 if max_new_tokens > 1 else c
+  cache_len = _cache_len(c, max_new_tokens)
   logits_BxV, cache = model.prefill(context_BxC, cache_len)
   ref_logits_BxV, ref_cache = ref_model.prefill(context_BxC, cache_len)
   first = choose(logits_BxV, ref_logits_BxV, keys[0], jnp.zeros((b,), bool))
@@ -347,9 +357,6 @@ def sample_mixture(
     token_B, in_response_B, done_B = choose(logits_BxV, ref_logits_BxV, k, done_B)
     return (cache, ref_cache, token_B, done_B), (token_B, in_response_B)
 
-  positions = c + jnp.arange(max_new_tokens - 1, dtype=jnp.int32)
-  _, (tokens_TxB, in_resp_TxB) = jax.lax.scan(
-      step, (cache, ref_cache, first[0], first[2]), (positions, keys[1:]))
-  tokens_BxT = jnp.concatenate([first[0][:, None], tokens_TxB.T], axis=1)
-  mask_BxT = jnp.concatenate([first[1][:, None], in_resp_TxB.T], axis=1).astype(jnp.float32)
+  _, tokens_BxT, mask_BxT = _decode(step, (cache, ref_cache, first[0], first[2]), first[0],
+                                    first[1], c, keys)
   return tokens_BxT, mask_BxT

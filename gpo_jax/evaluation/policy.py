@@ -74,6 +74,7 @@ from gpo_jax.objectives import diagnostics
 from gpo_jax.proxies import selectors as selectors_lib
 from gpo_jax.runtime import distributed
 from gpo_jax.runtime import sharding as sharding_lib
+from gpo_jax.runtime import writers
 
 Array = jax.Array
 
@@ -483,10 +484,7 @@ class Evaluator:
                    for k, v in parts.items()})
     try:
       os.makedirs(self.pool_cache, exist_ok=True)
-      tmp = f"{path}.tmp-{os.getpid()}"
-      with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-      os.replace(tmp, path)
+      writers.save_npz_atomic(path, arrays)
     except OSError as err:      # a read-only or full disk: the run goes on without a cache
       logging.warning("could not cache the π_ref pool at %s (%s)", path, err)
 

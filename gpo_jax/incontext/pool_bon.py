@@ -35,6 +35,7 @@ import numpy as np
 from gpo_jax.evaluation import bon as bon_lib
 from gpo_jax.incontext import icdpo
 from gpo_jax.incontext import retrieval as retrieval_lib
+from gpo_jax.runtime import writers
 
 POOL_FILE = "bon_pool.npz"          # what the proxy setting's RL evaluator writes
 OUT_NPZ, OUT_JSON = "pool_bon.npz", "pool_bon.json"
@@ -222,10 +223,8 @@ def run(lab, rl_dir: str, out_dir: str, *, ks=(2,), retrievers=retrieval_lib.RET
           "seconds": {"regenerate": pool["check"]["seconds"], "icdpo_scoring": t_score,
                       "total": time.time() - t0}}
   os.makedirs(out_dir, exist_ok=True)
-  tmp = os.path.join(out_dir, f"{OUT_NPZ}.tmp-{os.getpid()}")
-  with open(tmp, "wb") as f:
-    np.savez(f, **{k.replace("/", "__"): v.astype(np.float64) for k, v in per_prompt.items()})
-  os.replace(tmp, os.path.join(out_dir, OUT_NPZ))
+  writers.save_npz_atomic(os.path.join(out_dir, OUT_NPZ),
+                          {k.replace("/", "__"): v.astype(np.float64) for k, v in per_prompt.items()})
   tmp = os.path.join(out_dir, f"{OUT_JSON}.tmp-{os.getpid()}")
   with open(tmp, "w") as f:
     json.dump(info, f, indent=1, sort_keys=True)

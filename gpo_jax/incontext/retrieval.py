@@ -50,6 +50,7 @@ from flax import nnx
 
 from gpo_jax.lab import corpus as corpus_lib
 from gpo_jax.lab.builder import arrays_digest
+from gpo_jax.runtime import writers
 
 POLARITIES = ("good", "bad")
 RETRIEVERS = ("random", "bm25", "embedding")
@@ -226,10 +227,7 @@ class Demos:
 
   def save(self, path: str) -> None:
     """Writes the demos to ``path`` (``.npz``) atomically."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-      np.savez(f, **self.arrays())
-    os.replace(tmp, path)
+    writers.save_npz_atomic(path, self.arrays())
 
   @classmethod
   def load(cls, path: str) -> "Demos":

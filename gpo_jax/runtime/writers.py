@@ -58,6 +58,17 @@ def _process_index() -> int:
     return 0
 
 
+def save_npz_atomic(path: str | os.PathLike, arrays: Mapping[str, Any]) -> str:
+  """``np.savez`` of ``arrays`` to ``path`` through a temporary file and ``os.replace``, so a
+  crash leaves the old file or the new one, never a torn one. Returns the path."""
+  path = os.fspath(path)
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "wb") as f:
+    np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
+  os.replace(tmp, path)
+  return path
+
+
 def truncate_jsonl(path: str | os.PathLike, max_step: int, log=None) -> int:
   """Keeps rows with ``step <= max_step`` (and drops a torn last line); returns rows dropped.
 
@@ -215,11 +226,8 @@ class MetricsWriter:
       return None
     d = os.path.join(self.workdir, PER_PROMPT_DIR)
     os.makedirs(d, exist_ok=True)
-    path = os.path.join(d, f"{int(step):08d}.npz")
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **{k.replace("/", "__"): np.asarray(v) for k, v in arrays.items()})
-    os.replace(tmp, path)
-    return path
+    return save_npz_atomic(os.path.join(d, f"{int(step):08d}.npz"),
+                           {k.replace("/", "__"): v for k, v in arrays.items()})
 
   def steps_present(self, n_members: int) -> set[int]:
     """Steps that have a row for each of ``n_members`` members in ``metrics.jsonl``."""
