@@ -17,6 +17,11 @@ after compiling each program once:
 * times one evaluation of all members (median of ``--repeats``) with the current evaluator
   and with the two-pass path (the same evaluator class, ``two_pass=True``), interleaved
   round by round, and checks the two agree;
+* times the evaluation and the train step under the other compiler options too (side by
+  side, interleaved the same way): the evaluation compiled with JAX's default options (what
+  the evaluator compiled before it took the platform's forward-program options) and with
+  the train step's options, the train step with the forward programs' options
+  (``gpo_jax.runtime.cpu.compiler_options``; ``--no-variants`` skips them);
 * reads XLA's FLOP count of both programs (``cost_analysis``; loop bodies counted once, so
   the per-member evaluation FLOPs are also counted analytically, below);
 * projects the loop's evaluation share for the config's schedule: ``E·t_eval /
@@ -26,8 +31,9 @@ after compiling each program once:
 Analytic FLOPs of one evaluation, per member (``E`` prompts × ``n`` samples, contexts of
 ``C`` and responses of ``T`` tokens, ``L = C + T``, ``F(model)`` = forward FLOPs per token =
 2 × matmul parameters + the attention terms): π and π_ref sampled side by side
-``2·(E·C + E·n·T)·F(π)`` (each prompt prefilled once for its ``n`` samples); gold over the responses ``E·n·T·F(gold)`` (the contexts' ``E·C·F(gold)``
-once per run, not counted); offline diagnostics ``(1 + 1/chunk)·2·P·L·F(π)`` on ``P`` test
+``2·(E·C + E·n·T)·F(π)`` (each prompt prefilled once for its ``n`` samples); gold over the
+responses ``E·n·G(gold)`` (``gold_response_flops``: the last block only at the read
+position; the contexts' ``E·C·F(gold)`` once per run, not counted); offline diagnostics ``(1 + 1/chunk)·2·P·L·F(π)`` on ``P`` test
 pairs. The two-pass path: sampling ``E·n·L·F(π)``, policy and π_ref forward
 ``2·E·n·L·F(π)``, gold ``E·n·L·F(gold)``, the same offline diagnostics. The train step per member: ``3 · 2·B·L·F(π)`` (forward and backward of both
 responses of ``B`` pairs; π_ref's log-probs are read from the data).
@@ -69,6 +75,17 @@ def gold_flops_per_token(cfg, context: int) -> float:
   return float(l * (2 * (4 * d * d + 2 * d * f) + 4 * context * d) + 2 * d)
 
 
+def gold_response_flops(cfg, c: int, t: int) -> float:
+  """Gold FLOPs of one response of ``t`` tokens after a cached context of ``c``
+  (``RewardModel.score_after``): every block but the last over the ``t`` positions (keys
+  ``c + t/2`` on average); the last block's keys and values over ``t``, its query,
+  attention, output projection and MLP at the read position only; the scalar head."""
+  d, f, l = cfg.d_model, cfg.d_ff, cfg.n_layers
+  full = 2 * (4 * d * d + 2 * d * f) + 4 * (c + t // 2) * d
+  last = t * 2 * (2 * d * d) + 2 * (2 * d * d + 2 * d * f) + 4 * (c + t) * d
+  return float(t * (l - 1) * full + last + 2 * d)
+
+
 def analytic(config, lab, m: int) -> dict:
   """Per-evaluation and per-step FLOPs of the config, by part (module docstring)."""
   from gpo_jax.lab.config import LabConfig
@@ -85,7 +102,7 @@ def analytic(config, lab, m: int) -> dict:
   chunk = min(config.eval.member_chunk, m)
   offline = (1 + 1 / chunk) * 2 * p * length * f_pi
   parts = {"π and π_ref sampled side by side": 2 * (e * c + e * n * t) * f_pi,
-           "gold (response positions)": e * n * t * f_gold,
+           "gold (response positions)": e * n * gold_response_flops(gc, c, t),
            "offline diagnostics": offline}
   two_pass = {"sampling": e * n * length * f_pi,
               "policy + π_ref forward": 2 * e * n * length * f_pi,
@@ -104,6 +121,8 @@ def main(argv=None) -> int:
   ap.add_argument("--variant", default="small", help="configs/cpu_sweep.py argument (lab)")
   ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds; median counts")
   ap.add_argument("--step-blocks", type=int, default=3, help="blocks of eval.every steps")
+  ap.add_argument("--no-variants", action="store_true",
+                  help="skip the other compiler options' evaluations and train step")
   ap.add_argument("--write", action="store_true", help=f"write {OUT_MD} and {OUT_JSON}")
   ap.add_argument("--md", default=OUT_MD)
   ap.add_argument("--json", default=OUT_JSON)
@@ -117,6 +136,7 @@ def main(argv=None) -> int:
   import numpy as np
   from jax.sharding import NamedSharding, PartitionSpec
   from gpo_jax import lab as lab_lib
+  from gpo_jax.engine import program
   from gpo_jax.run import loop
 
   load0 = bench_sweep.load_avg()
@@ -138,42 +158,62 @@ def main(argv=None) -> int:
   old.ref_gold_ExN, old.ref_gold_E, old.ref_gold_mean = ev.ref_gold_ExN, ev.ref_gold_E, ev.ref_gold_mean
   old.two_pass = True
 
+  # The same evaluation and train step compiled with other options (module docstring).
+  options = {"forward": ev.compiler_options,
+             "train": cpu_lib.compiler_options(jax.default_backend(), "train")}
+  evals = {"eval": ev, "eval_two_pass": old}
+  steps = {"step": s.step_fn}
+  if not args.no_variants:
+    for name, opts in (("eval_jax_default", None), ("eval_train_options", options["train"])):
+      e = s.algorithm.evaluator(lab, s.graphdef, s.rest, s.members, config, replicated)
+      e.ref_gold_ExN, e.ref_gold_E, e.ref_gold_mean = ev.ref_gold_ExN, ev.ref_gold_E, ev.ref_gold_mean
+      e.compiler_options = opts
+      evals[name] = e
+    steps["step_forward_options"] = program.jit_train_step(
+        s.train_step, s.state_shardings, s.mesh, compiler_options=options["forward"])
+  states = {name: state if name == "step" else
+            jax.jit(s.init_fn, out_shardings=s.state_shardings)(s.params) for name in steps}
+
   compile_s = {}
 
   def evaluate(e, step):
-    out = e(state["params"], s.hparams, step)
-    return out
+    return e(states["step"]["params"], s.hparams, step)
 
-  for name, e in (("eval", ev), ("eval_two_pass", old)):
+  for name, e in evals.items():
     t = time.perf_counter()
     evaluate(e, 0)
     compile_s[name] = time.perf_counter() - t
-  t = time.perf_counter()
-  state, _ = s.step_fn(state, s.hparams, s.data)
-  jax.block_until_ready(state)
-  compile_s["step"] = time.perf_counter() - t
+  for name, fn in steps.items():
+    t = time.perf_counter()
+    states[name], _ = fn(states[name], s.hparams, s.data)
+    jax.block_until_ready(states[name])
+    compile_s[name] = time.perf_counter() - t
 
   every = int(config.eval.every)
   steps_total = int(config.train.steps)
   n_evals = len([st for st in range(steps_total + 1) if st % every == 0 or st == steps_total])
-  t_eval, t_old, t_step = [], [], []
-  agree = 0.0
+  times = {name: [] for name in list(evals) + list(steps)}
+  agree = {name: 0.0 for name in evals if name != "eval"}
   for r in range(args.repeats):
-    t = time.perf_counter()
-    a = evaluate(ev, r + 1)
-    t_eval.append(time.perf_counter() - t)
-    t = time.perf_counter()
-    b = evaluate(old, r + 1)
-    t_old.append(time.perf_counter() - t)
-    for k in ("gold/reward", "kl", "entropy"):
-      agree = max(agree, float(np.max(np.abs(np.asarray(a[k]) - np.asarray(b[k])))))
-    if r < args.step_blocks:
-      jax.block_until_ready(state)
+    results = {}
+    for name, e in evals.items():
       t = time.perf_counter()
-      for _ in range(every):
-        state, _ = s.step_fn(state, s.hparams, s.data)
-      jax.block_until_ready(state)
-      t_step.append((time.perf_counter() - t) / every)
+      results[name] = evaluate(e, r + 1)
+      times[name].append(time.perf_counter() - t)
+    for name in agree:
+      for k in ("gold/reward", "kl", "entropy"):
+        agree[name] = max(agree[name], float(np.max(np.abs(
+            np.asarray(results["eval"][k]) - np.asarray(results[name][k])))))
+    if r < args.step_blocks:
+      for name, fn in steps.items():
+        jax.block_until_ready(states[name])
+        t = time.perf_counter()
+        for _ in range(every):
+          states[name], _ = fn(states[name], s.hparams, s.data)
+        jax.block_until_ready(states[name])
+        times[name].append((time.perf_counter() - t) / every)
+  state = states["step"]
+  t_eval, t_old, t_step = times["eval"], times["eval_two_pass"], times["step"]
 
   ce = float(bench_sweep.xla_cost(ev._run(state["params"], s.hparams, 0, lower=True)
                                   .compile())["flops"])
@@ -190,7 +230,12 @@ def main(argv=None) -> int:
       "t_step_s": ts, "t_eval_s": te, "t_eval_two_pass_s": to, "t_ref_pool_s": t_ref,
       "t_step_all": t_step, "t_eval_all": t_eval, "t_eval_two_pass_all": t_old,
       "compile_s": compile_s, "share": share(te), "share_two_pass": share(to),
-      "speedup": to / te, "max_abs_diff": agree,
+      "speedup": to / te, "max_abs_diff": agree["eval_two_pass"],
+      "options": options,
+      "variants": {name: {"median_s": statistics.median(times[name]), "all": times[name],
+                          "compile_s": compile_s[name],
+                          "max_abs_diff": agree.get(name)}
+                   for name in times if name not in ("eval", "eval_two_pass", "step")},
       "xla_flops_eval": ce, "xla_flops_step": cs, "analytic": an,
       "gflops_eval": an["eval_total"] / te / 1e9, "gflops_step": an["step"] / ts / 1e9,
       "machine": bench_sweep.machine_info(), "load_before": load0,
@@ -211,6 +256,13 @@ def main(argv=None) -> int:
 
 def _g(x) -> str:
   return f"{x / 1e9:.1f}"
+
+
+_VARIANTS = {
+    "eval_jax_default": "one evaluation, JAX's default compiler options (the evaluator before)",
+    "eval_train_options": "one evaluation, the train step's compiler options",
+    "step_forward_options": "train step, the forward programs' compiler options",
+}
 
 
 def render(r: dict) -> str:
@@ -234,12 +286,38 @@ def render(r: dict) -> str:
       f"| one evaluation (two passes: the replaced path) | {r['t_eval_two_pass_s']:.2f} | "
       f"{', '.join(f'{x:.2f}' for x in r['t_eval_two_pass_all'])} | "
       f"{r['compile_s']['eval_two_pass']:.1f} |",
+  ]
+  variants = r.get("variants", {})
+  for name, label in _VARIANTS.items():
+    if name in variants:
+      v = variants[name]
+      digits = 3 if name.startswith("step") else 2
+      lines.append(f"| {label} | {v['median_s']:.{digits}f} | "
+                   f"{', '.join(f'{x:.{digits}f}' for x in v['all'])} | {v['compile_s']:.1f} |")
+  lines += [
       f"| π_ref pool (once per run) | {r['t_ref_pool_s']:.1f} | | |", "",
       f"- **Evaluation share of the train/eval loop** (projected for the schedule, compile "
       f"excluded): **{100 * r['share']:.0f} %** ({100 * r['share_two_pass']:.0f} % with the "
       f"replaced path). Goal ≤ 20 %: **{'MET' if r['share'] <= 0.2 else 'MISSED'}**.",
       f"- Measured while sampling vs two passes, same run: **{r['speedup']:.2f}×** faster "
       f"evaluation; the two agree to {r['max_abs_diff']:.1e} (gold/reward, kl, entropy).",
+  ]
+  if variants:
+    ev_default = variants.get("eval_jax_default", {}).get("median_s")
+    ev_train = variants.get("eval_train_options", {}).get("median_s")
+    step_fwd = variants.get("step_forward_options", {}).get("median_s")
+    parts = []
+    if ev_default:
+      parts.append(f"the evaluation with the forward programs' options is **{ev_default / r['t_eval_s']:.2f}×** "
+                   f"faster than with JAX's default options (the evaluator before; agree to "
+                   f"{variants['eval_jax_default']['max_abs_diff']:.1e})")
+    if ev_train:
+      parts.append(f"{ev_train / r['t_eval_s']:.2f}× faster than with the train step's options")
+    if step_fwd:
+      parts.append(f"the train step with its own options is {step_fwd / r['t_step_s']:.2f}× "
+                   f"faster than with the forward programs' options")
+    lines.append(f"- Compiler options ({r.get('options')}), same run: " + "; ".join(parts) + ".")
+  lines += [
       f"- XLA FLOPs (loop bodies counted once): evaluation {_g(r['xla_flops_eval'])} G, "
       f"train step {_g(r['xla_flops_step'])} G.", "",
       "Analytic FLOPs (module docstring) — what one evaluation costs against one train step:", "",

@@ -496,7 +496,7 @@ def render(res: dict) -> str:
       f"jaxpr; `max_len` = {w['max_len']}); "
       f"contexts of C = {c} tokens (`[BOS] prompt [SEP]`), T = {t} new tokens, temperature 1, "
       f"no top-k/top-p. K > 1: `jax.vmap` over K stacked copies of the parameters and K keys "
-      f"(one device); K = 1: no vmap. Compiler options: {res['compiler_options']}."
+      f"(one device); K = 1: no vmap. Compiler options ({res.get('program', 'train')} programs): {res['compiler_options']}."
       + (f" **Rows per context: {w['per_context']}** — B rows are B/{w['per_context']} "
          f"contexts each sampled {w['per_context']} times (a best-of-n pool's shape), by "
          f"`sample(..., repeats={w['per_context']})`, which prefills each context once; its "
@@ -676,8 +676,9 @@ def main(argv=None) -> int:
                   help=f"python of the PyTorch venv (default: ${HF_ENV})")
   ap.add_argument("--hf-threads", default="2,1", help="torch thread settings for HF")
   ap.add_argument("--no-hf", action="store_true")
-  ap.add_argument("--no-compiler-options", action="store_true",
-                  help="jit without gpo_jax.runtime.cpu.compiler_options() (the evaluator's jit)")
+  ap.add_argument("--program", default="forward", choices=["forward", "train", "none"],
+                  help="jit with gpo_jax.runtime.cpu.compiler_options(program=...) (forward: what "
+                       "the evaluator uses; train: the train step's; none: JAX's defaults)")
   ap.add_argument("--quick", action="store_true",
                   help="smoke run: B=8, K=1,2, 1 round, short blocks, small ceiling/bandwidth arrays")
   ap.add_argument("--profile", default=None, metavar="KxB",
@@ -719,7 +720,8 @@ def main(argv=None) -> int:
     wl = standin_workload(args.lab)
     notes.append(f"No built lab at {args.lab_path}: a random stand-in of the same shapes was "
                  "timed (same cost per call; tokens up to EOS differ).")
-  options = None if args.no_compiler_options else cpu_lib.compiler_options()
+  options = (None if args.program == "none"
+             else cpu_lib.compiler_options(None, args.program))
   t = wl.response_len
 
   ceiling = bench_sweep.matmul_ceiling(n=256 if args.quick else 2048)
@@ -795,7 +797,7 @@ def main(argv=None) -> int:
       "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
       "command": command,
       "machine": bench_sweep.machine_info(),
-      "compiler_options": options,
+      "compiler_options": options, "program": args.program,
       "ceiling": ceiling, "bandwidth": bandwidth,
       "load_start": load_start, "load_rounds": load_rounds, "load_end": load_end,
       "versions": (f"python {platform.python_version()}, jax {jax.__version__}, "

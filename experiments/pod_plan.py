@@ -13,7 +13,7 @@ the run's shardings, so nothing of pod size is ever allocated):
 * the **evaluation**: ``gpo_jax.evaluation.policy.Evaluator._eval_all`` (member sampling
   with the KV cache and π_ref beside it, gold scoring, the offline diagnostics on held-out
   pairs; members regrouped ``[sweep, M/sweep]`` by ``Evaluator._by_device`` so each device
-  of the sweep axis evaluates its own, each member's rows on ``data``), jitted as the Evaluator jits it, on an
+  of the sweep axis evaluates its own, each member's rows on ``data``), jitted as the Evaluator jits it off CPU (no compiler options), on an
   Evaluator whose constants are abstract (built without a lab: its ``__init__`` places
   concrete arrays on devices) and whose sharding is the replicated one on the run's mesh;
 
@@ -705,7 +705,8 @@ def write_report(result: dict, md_path: str) -> None:
     "moments, donated), the `[M]` hyperparameters over `sweep`, the replicated training arrays.")
   if any("eval" in c["programs"] for c in cases):
     w(f"- **eval**: the whole `Evaluator._eval_all` of `gpo_jax/evaluation/policy.py`, jitted as "
-      f"the Evaluator jits it (`jax.jit(self._eval_all)`, shardings from its arguments): "
+      f"the Evaluator jits it on an accelerator (`jax.jit(self._eval_all)`: the forward "
+      f"programs' compiler options are CPU-only; shardings from its arguments): "
       f"{c0.get('eval_prompts')} prompts × {c0.get('samples_per_prompt')} samples per member "
       "with the KV-cache sampler, π_ref decoded beside π (exact KL and log-probs along the "
       "samples; each prompt prefilled once), the gold network over the responses after the "

@@ -58,3 +58,41 @@ def test_report_states_the_goal_and_the_flop_share():
   # one evaluation = 20 steps of FLOPs; every 25 steps -> 40e9 / (40e9 + 25 * 2e9) = 44 %
   assert "20.0 train steps" in md and "FLOP share alone is 44 %" in md
   assert "MET" in bench_eval.render(_result(0.15))
+
+
+def test_report_gives_the_compiler_option_variants_side_by_side():
+  r = _result(0.3)
+  r["options"] = {"forward": {"x": "INDIVIDUAL"}, "train": {"x": "DOT"}}
+  r["variants"] = {
+      "eval_jax_default": {"median_s": 3.0, "all": [3.0, 3.1], "compile_s": 2.0,
+                           "max_abs_diff": 2e-7},
+      "eval_train_options": {"median_s": 2.5, "all": [2.5], "compile_s": 2.0,
+                             "max_abs_diff": 1e-7},
+      "step_forward_options": {"median_s": 1.25, "all": [1.25], "compile_s": 1.0,
+                               "max_abs_diff": None}}
+  md = bench_eval.render(r)
+  assert "| one evaluation, JAX's default compiler options (the evaluator before) | 3.00 | 3.00, 3.10 | 2.0 |" in md
+  assert "| train step, the forward programs' compiler options | 1.250 | 1.250 | 1.0 |" in md
+  # t_eval 2.0 s, t_step 1.0 s: 1.50× vs JAX's default, 1.25× vs the train options; the
+  # train step with its own options 1.25× faster than with the forward ones
+  assert "**1.50×** faster than with JAX's default options" in md and "agree to 2.0e-07" in md
+  assert "1.25× faster than with the train step's options" in md
+  assert "train step with its own options is 1.25× faster" in md
+  assert "Compiler options" not in bench_eval.render(_result(0.3))
+
+
+def test_gold_response_flops_match_xla():
+  """The formula for a response scored after a cached context (``score_after``: the last
+  block at the read position only) against XLA's count of that program."""
+  rm = model_lib.RewardModel(CFG, rngs=nnx.Rngs(0))
+  g, state = nnx.split(rm)
+  b, c, t = 16, 6, 10
+  ctx = jnp.ones((b, c), jnp.int32)
+  prefix = rm.prefix(ctx)
+  tokens, valid = jnp.ones((b, t), jnp.int32), jnp.ones((b, t), bool)
+  compiled = jax.jit(lambda s, p, x, v: nnx.merge(g, s).score_after(p, x, v)).lower(
+      state, prefix, tokens, valid).compile()
+  xla = bench_eval.bench_sweep.xla_cost(compiled)["flops"]
+  want = b * bench_eval.gold_response_flops(CFG, c, t)
+  # XLA counts the full causal score matrix of the first blocks (no causal halving)
+  assert 0.95 <= xla / want <= 1.25, (xla, want)

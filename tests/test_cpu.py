@@ -72,7 +72,10 @@ def _ynn_bodies(hlo: str) -> list[set[str]]:
 
 def test_compiler_options_keep_ynnpack_for_dots_only():
   opts = cpu.compiler_options("cpu")
-  assert cpu.compiler_options("gpu") is None and cpu.compiler_options("tpu") is None
+  assert opts == cpu.compiler_options("cpu", "train")
+  for program in cpu.PROGRAMS:
+    assert cpu.compiler_options("gpu", program) is None
+    assert cpu.compiler_options("tpu", program) is None
   if opts is None:
     pytest.skip("this jaxlib accepts none of the XLA:CPU options (nothing to check)")
 
@@ -94,3 +97,31 @@ def test_compiler_options_keep_ynnpack_for_dots_only():
   want = jax.jit(norm_then_dot)(*args)
   for a, b in zip(got, want):
     np.testing.assert_allclose(a, b, rtol=1e-5)
+
+
+def test_forward_programs_keep_each_dot_alone():
+  """The forward programs' options: every YNNPACK call is one dot, nothing fused with it
+  (the train options fuse the GELU between the two dots of an MLP into a dot fusion)."""
+  opts = cpu.compiler_options("cpu", "forward")
+  if opts is None:
+    pytest.skip("this jaxlib accepts none of the XLA:CPU options (nothing to check)")
+
+  def mlp(x, w_up, w_down):
+    return jax.nn.gelu((x * 2.0) @ w_up) @ w_down
+
+  key = jax.random.key(0)
+  args = (jax.random.normal(key, (512, 64)), jnp.full((64, 256), 0.01),
+          jnp.full((256, 64), 0.02))
+  bodies = _ynn_bodies(jax.jit(mlp, compiler_options=opts).lower(*args).compile().as_text())
+  assert len(bodies) == 2 and all(ops == {"dot"} for ops in bodies), bodies
+  train = _ynn_bodies(jax.jit(mlp, compiler_options=cpu.compiler_options("cpu", "train"))
+                      .lower(*args).compile().as_text())
+  assert any(ops - {"dot"} for ops in train), (
+      f"expected the train options to fuse elementwise work with a dot here: {train}")
+  np.testing.assert_allclose(jax.jit(mlp, compiler_options=opts)(*args),
+                             jax.jit(mlp)(*args), rtol=1e-5, atol=1e-6)
+
+
+def test_compiler_options_name_the_programs_on_a_bad_one():
+  with pytest.raises(ValueError, match=r"program='eval'.*'train', 'forward'"):
+    cpu.compiler_options("cpu", "eval")

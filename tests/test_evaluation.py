@@ -11,6 +11,7 @@ from gpo_jax.core import model as model_lib
 from gpo_jax.algorithms import gpo
 from gpo_jax.engine import program
 from gpo_jax.lab import gold as gold_lib
+from gpo_jax.runtime import cpu as cpu_lib
 
 P, V = 4, 10
 E, N_PER, N_REF, N_TEST = 8, 96, 16, 24
@@ -200,6 +201,25 @@ def test_measuring_while_sampling_equals_the_two_pass_evaluation(case):
   np.testing.assert_array_equal(res[evaluation.SHOWN + "response"],
                                 old[evaluation.SHOWN + "response"])
   assert float(np.max(res["kl"])) > 0.05 and float(np.std(res["gold/reward"])) > 0
+
+
+def test_the_evaluation_compiles_as_a_forward_program_and_options_change_no_result(case):
+  """The evaluator jits with the platform's options for forward programs; JAX's default
+  options (set on the evaluator: it re-jits) give the same metrics and responses."""
+  ev, res = case["ev"], case["res"]
+  assert ev.compiler_options == cpu_lib.compiler_options(None, "forward")
+  if ev.compiler_options is None:
+    pytest.skip("this jaxlib accepts no XLA:CPU options: nothing to compare")
+  opts = ev.compiler_options
+  ev.compiler_options = None
+  try:
+    other = ev(case["stacked"], case["members"].hparams(), 5)
+  finally:
+    ev.compiler_options = opts
+  for name in ("kl", "entropy", "gold/reward", "gold/win_rate", "rewards/margins"):
+    np.testing.assert_allclose(res[name], other[name], rtol=1e-4, atol=1e-5, err_msg=name)
+  np.testing.assert_array_equal(res[evaluation.SHOWN + "response"],
+                                other[evaluation.SHOWN + "response"])
 
 
 def test_a_gold_function_without_a_prefix_path_scores_whole_sequences(case):

@@ -181,3 +181,44 @@ def test_reward_model_gradient_flows(rm):
   assert all(np.all(np.isfinite(np.asarray(g))) for g in leaves)
   zero = [g.shape for g in leaves if not np.any(np.asarray(g))]
   assert zero == [], f"parameters with identically zero gradient: {zero}"
+
+
+@pytest.mark.parametrize("n_layers", [1, 3])
+def test_extend_at_a_read_position_equals_the_extension_there(n_layers):
+  """``Decoder.extend_at`` (the last block's query, attention and MLP at one position per
+  row) gives ``extend``'s states at those positions, and costs fewer FLOPs."""
+  cfg = gm.TransformerConfig(vocab_size=16, d_model=32, n_layers=n_layers, n_heads=4,
+                                    d_ff=64, max_len=24)
+  rm = gm.RewardModel(cfg, rngs=nnx.Rngs(1))
+  g, state = nnx.split(rm)
+  state = jax.tree.map(lambda x: x * 10.0, state)     # far from uniform attention
+  key_c, key_t = jax.random.split(jax.random.key(2))
+  ctx = jax.random.randint(key_c, (6, 5), 1, 16)
+  tokens = jax.random.randint(key_t, (6, 9), 1, 16)
+  read = jnp.array([0, 8, 3, 4, 7, 1])
+
+  def both(state):
+    dec = nnx.merge(g, state).decoder
+    prefix = dec(dec.embed(ctx))[1]
+    return dec.extend(tokens, prefix)[jnp.arange(6), read], dec.extend_at(tokens, prefix, read)
+
+  full, at = jax.jit(both)(state)
+  assert float(jnp.std(full)) > 0.1
+  np.testing.assert_allclose(at, full, rtol=1e-5, atol=1e-5)
+  # one row's read moved: only that row changes
+  other = read.at[2].set(6)
+  dec = nnx.merge(g, state).decoder
+  moved = dec.extend_at(tokens, dec(dec.embed(ctx))[1], other)
+  np.testing.assert_allclose(np.delete(moved, 2, 0), np.delete(at, 2, 0), rtol=1e-4, atol=1e-4)
+  assert float(jnp.max(jnp.abs(moved[2] - at[2]))) > 1e-3
+
+  def flops(method):
+    def f(state):
+      dec = nnx.merge(g, state).decoder
+      prefix = dec(dec.embed(ctx))[1]
+      return (dec.extend(tokens, prefix)[:, 0] if method == "extend"
+              else dec.extend_at(tokens, prefix, read))
+    cost = jax.jit(f).lower(state).compile().cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+  assert flops("extend_at") < flops("extend")

@@ -174,6 +174,22 @@ class Block(nnx.Module):
     allowed_TxS = s_S[None, :] <= (c + jnp.arange(t))[:, None]
     return self.finish(h_BxTxD, _attend(q, keys, values, allowed_TxS))
 
+  def extend_at(self, h_BxTxD: Array, read_B: Array, k_BxCxHxK: Array,
+                v_BxCxHxK: Array) -> Array:
+    """:meth:`extend`'s output at one position per row, ``read_B`` (in ``[0, T)``),
+    ``[B, D]``: the keys and values of all ``T`` new positions, but the query, attention
+    and MLP of that position only — all a head read there needs of the last block."""
+    x_BxTxD = self.attn_norm(h_BxTxD)
+    w_Dx3xHxK = self.w_qkv[...].astype(self.dtype)
+    kv_BxTx2xHxK = jnp.einsum("bld,dchk->blchk", x_BxTxD, w_Dx3xHxK[:, 1:])
+    at = lambda a: jnp.take_along_axis(a, read_B[:, None, None], axis=1)  # noqa: E731
+    q_Bx1xHxK = jnp.einsum("bld,dhk->blhk", at(x_BxTxD), w_Dx3xHxK[:, 0])
+    c, t = k_BxCxHxK.shape[1], h_BxTxD.shape[1]
+    keys = jnp.concatenate([k_BxCxHxK.astype(self.dtype), kv_BxTx2xHxK[:, :, 0]], axis=1)
+    values = jnp.concatenate([v_BxCxHxK.astype(self.dtype), kv_BxTx2xHxK[:, :, 1]], axis=1)
+    allowed_Bx1x1xS = (jnp.arange(c + t)[None, :] <= (c + read_B)[:, None])[:, None, None]
+    return self.finish(at(h_BxTxD), _attend(q_Bx1xHxK, keys, values, allowed_Bx1x1xS))[:, 0]
+
   def decode(self, h_Bx1xD: Array, pos: Array, k_BxHxSxK: Array, v_BxHxSxK: Array):
     """One new position ``pos``: write its key/value into the cache and attend to ``<= pos``.
 
@@ -237,6 +253,18 @@ class Decoder(nnx.Module):
     for block, layer in zip(self.blocks, prefix):
       h = block.extend(h, layer["k"], layer["v"])
     return self.final_norm(h)
+
+  def extend_at(self, tokens_BxT: Array, prefix: Cache, read_B: Array) -> Array:
+    """:meth:`extend`'s final normed hidden state at position ``read_B`` of each row,
+    ``[B, D]``; the last block runs its query, attention and MLP at that position only."""
+    c = prefix[0]["k"].shape[1]
+    self._check_length(c + tokens_BxT.shape[1])
+    h = self.embed(tokens_BxT, c)
+    blocks = list(self.blocks)
+    for block, layer in zip(blocks[:-1], prefix[:-1]):
+      h = block.extend(h, layer["k"], layer["v"])
+    h_BxD = blocks[-1].extend_at(h, read_B, prefix[-1]["k"], prefix[-1]["v"])
+    return self.final_norm(h_BxD)
 
   def decode(self, token_B: Array, pos: Array, cache: Cache) -> tuple[Array, Cache]:
     pos = jnp.asarray(pos, jnp.int32)
@@ -331,11 +359,15 @@ class Transformer(nnx.Module):
     return self._logits(h_BxD), cache
 
 
+def _last_valid(valid_BxL: Array) -> Array:
+  """Each row's last valid position (0 for a row with none), ``[B]``."""
+  idx_L = jnp.arange(valid_BxL.shape[1])
+  return jnp.max(jnp.where(valid_BxL.astype(bool), idx_L, 0), axis=-1)
+
+
 def _at_last_valid(h_BxLxD: Array, valid_BxL: Array) -> Array:
   """``h`` at each row's last valid position (position 0 for a row with none), ``[B, D]``."""
-  idx_L = jnp.arange(h_BxLxD.shape[1])
-  last_B = jnp.max(jnp.where(valid_BxL.astype(bool), idx_L, 0), axis=-1)
-  return jnp.take_along_axis(h_BxLxD, last_B[:, None, None], axis=1)[:, 0]
+  return jnp.take_along_axis(h_BxLxD, _last_valid(valid_BxL)[:, None, None], axis=1)[:, 0]
 
 
 class RewardModel(nnx.Module):
@@ -383,10 +415,11 @@ class RewardModel(nnx.Module):
 
   def score_after(self, prefix: dict[str, Any], tokens_BxT: Array, valid_BxT: Array) -> Array:
     """``self(concat(context, tokens), concat(valid_ctx, valid_BxT))`` from the context's
-    :meth:`prefix` (rows aligned with ``tokens_BxT``): only the ``T`` new positions run."""
-    h_BxTxD = self.decoder.extend(tokens_BxT, prefix["kv"])
-    h_BxD = jnp.where(jnp.any(valid_BxT.astype(bool), axis=-1)[:, None],
-                      _at_last_valid(h_BxTxD, valid_BxT), prefix["h_last"])
+    :meth:`prefix` (rows aligned with ``tokens_BxT``): only the ``T`` new positions run,
+    and of the last block only what the read position needs (:meth:`Decoder.extend_at`)."""
+    h_BxD = self.decoder.extend_at(tokens_BxT, prefix["kv"], _last_valid(valid_BxT))
+    h_BxD = jnp.where(jnp.any(valid_BxT.astype(bool), axis=-1)[:, None], h_BxD,
+                      prefix["h_last"])
     return self._head(h_BxD)
 
 

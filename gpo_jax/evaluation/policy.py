@@ -72,6 +72,7 @@ from gpo_jax.core import sequences
 from gpo_jax.evaluation import bon as bon_lib
 from gpo_jax.objectives import diagnostics
 from gpo_jax.proxies import selectors as selectors_lib
+from gpo_jax.runtime import cpu as cpu_lib
 from gpo_jax.runtime import distributed
 from gpo_jax.runtime import sharding as sharding_lib
 from gpo_jax.runtime import writers
@@ -85,7 +86,7 @@ BON_FILE = "bon.json"
 #: π_ref's scored pool is cached under ``<lab root>/POOL_CACHE_DIR/<lab dir>/``
 POOL_CACHE_DIR = "pools"
 #: bump when the sampler or the gold scoring changes what a pool holds
-POOL_CACHE_VERSION = 3
+POOL_CACHE_VERSION = 4
 #: the π_ref pool scored by gold and by every proxy (runs against a proxy only)
 POOL_FILE = "bon_pool.npz"
 SWEEP_AXIS = "sweep"     # the mesh axis members (and the proxy-scored pool's prompts) use
@@ -264,9 +265,23 @@ class Evaluator:
     self.pool_cache = pool_cache if (proxy is None and ecfg.cache_pool) else None
     self.lab_id = lab_id
     self.pool_cache_hit: bool | None = None
-    self._eval = jax.jit(self._eval_all)
-    self._eval_two_pass = jax.jit(functools.partial(self._eval_all, two_pass=True))
-    self._pool = jax.jit(self._pool_fn)
+    self.compiler_options = cpu_lib.compiler_options(
+        None if sharding is None else next(iter(sharding.device_set)).platform, "forward")
+
+  @property
+  def compiler_options(self) -> dict[str, str] | None:
+    """XLA compiler options of the evaluation's programs (default: the platform's for
+    forward programs, :func:`gpo_jax.runtime.cpu.compiler_options`); setting them re-jits."""
+    return self._compiler_options
+
+  @compiler_options.setter
+  def compiler_options(self, options: dict[str, str] | None) -> None:
+    self._compiler_options = options
+    jit = functools.partial(jax.jit, compiler_options=options)
+    self._eval = jit(self._eval_all)
+    self._eval_two_pass = jit(functools.partial(self._eval_all, two_pass=True))
+    self._pool = jit(self._pool_fn)
+    self._gold_prefix_jit = jit(self._gold_prefix)
 
   def _place(self, tree):
     """Copies host-identical constants onto ``self.sharding`` (no-op without one)."""
@@ -436,13 +451,15 @@ class Evaluator:
 
   def _pool_key(self) -> str:
     """What the pool depends on: the lab's files, the prompts, the pool's size and seed, the
-    sampler's code version and the device layout (XLA:CPU may round differently on another)."""
+    sampler's code version, the device layout and the compiler options (XLA:CPU may round
+    differently under others)."""
     h = hashlib.sha256()
     h.update(self.lab_id.encode())
     h.update(np.ascontiguousarray(distributed.to_host(self.prompts_ExP)).tobytes())
     dev = jax.devices()
     h.update(json.dumps([POOL_CACHE_VERSION, self.ecfg.ref_samples_per_prompt, self.ecfg.seed,
-                         self.resp_len, dev[0].platform, len(dev), jax.__version__]).encode())
+                         self.resp_len, dev[0].platform, len(dev), jax.__version__,
+                         sorted((self.compiler_options or {}).items())]).encode())
     return h.hexdigest()[:16]
 
   def _pool_path(self) -> str:
@@ -732,7 +749,7 @@ class Evaluator:
       if leaves and all(isinstance(x, jax.sharding.NamedSharding) for x in leaves):
         self._weights_at_use = sharding_lib.gathered_at_use(shardings, self.sharding.mesh)
     if self.gold_prefix is None and hasattr(self.gold_fn, "prefix"):
-      self.gold_prefix = jax.jit(self._gold_prefix)(self.gold_state, self.prompts_ExP)
+      self.gold_prefix = self._gold_prefix_jit(self.gold_state, self.prompts_ExP)
     aux = {"ref_params": self.ref_params, "gold_state": self.gold_state,
            "gold_prefix": self.gold_prefix,
            "ref_gold": self.ref_gold_ExN, "ref_gold_E": self.ref_gold_E,

@@ -28,6 +28,7 @@ from flax import nnx
 
 from gpo_jax.core import sequences
 from gpo_jax.objectives import calibration
+from gpo_jax.runtime import cpu as cpu_lib
 from gpo_jax.runtime import distributed
 
 Array = jax.Array
@@ -81,7 +82,8 @@ class RewardEvaluator:
     self.host = host
     self.test = distributed.put({key: jnp.asarray(host[key]) for key in sequences.RM_PAIR_FIELDS},
                                  sharding)
-    self._scores = jax.jit(self._scores_fn)
+    self._scores = jax.jit(self._scores_fn, compiler_options=cpu_lib.compiler_options(
+        None if sharding is None else next(iter(sharding.device_set)).platform, "forward"))
 
   @classmethod
   def from_lab(cls, lab, graphdef, rest, **kwargs) -> "RewardEvaluator":

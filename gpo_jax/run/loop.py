@@ -59,6 +59,7 @@ class Setup:
   step_fn: Callable        # the jitted sweep step
   hparams: Any             # traced [M] hyperparameters on the mesh
   data: Any                # the training arrays on the mesh
+  train_step: Callable | None = None   # the step before jax.jit (benchmarks re-jit it)
 
 
 def setup(config, lab, *, log: Callable[[str], None] = logging.info,
@@ -100,7 +101,7 @@ def setup(config, lab, *, log: Callable[[str], None] = logging.info,
                rest=rest, params=params, init_fn=init_fn, abstract_state=abstract,
                state_shardings=state_sh, step_fn=program.jit_train_step(step, state_sh, mesh),
                hparams=distributed.put(members.hparams(), member_sh),
-               data=distributed.put(data_np, replicated))
+               data=distributed.put(data_np, replicated), train_step=step)
 
 
 def _check_config_json(config, workdir: str, primary: bool, log) -> list[str]:

@@ -7,10 +7,22 @@ beat one stream using both cores (experiments/BENCH_SWEEP.md has the numbers). T
 count must be fixed before JAX initialises its backends, so :func:`configure_devices` is the
 first thing ``gpo_jax.run.loop.run`` does.
 
-XLA:CPU (jaxlib 0.10) hands dots, elementwise ops and reductions to YNNPACK fusions; for
-this model the elementwise and reduction fusions are slower than XLA's own loops, so
-:func:`compiler_options` keeps YNNPACK for dots only. The option is probed once: a jaxlib
-that does not know it gets no options rather than an error.
+XLA:CPU (jaxlib 0.10) hands dots, elementwise ops and reductions to YNNPACK fusions by
+default; for this model's small matrices that is not the fastest choice, and the best one
+depends on the program (:func:`compiler_options`, ``program=``):
+
+- ``"train"`` (a train step: forward, backward, optimizer): YNNPACK for dot fusions only
+  (``LIBRARY_FUSION_TYPE_DOT``), the elementwise and reduction work in XLA's own loops.
+- ``"forward"`` (evaluation, scoring and sampling outside a train step: forward passes and
+  KV-cache decode steps of a few thousand rows): each dot its own YNNPACK call
+  (``LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT``); fusing the dots with their neighbours made the
+  prefill and the decode steps ~1.5-2× slower, a train step with individual dots ~1.2×
+  slower. ``experiments/bench_eval.py`` times the evaluation and the train step under each
+  program's options side by side (experiments/BENCH_EVAL.md).
+
+The options are probed once per program: a jaxlib that does not know one gets no options
+rather than an error. They change speed, and float rounding in the last bits, never the
+computation.
 """
 
 from __future__ import annotations
@@ -23,8 +35,12 @@ import re
 import jax
 import jax.numpy as jnp
 
-# XLA:CPU debug option -> value; values of enum-typed options are their proto names.
-_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
+# Per kind of program: XLA:CPU debug option -> value (enum values by their proto names).
+_CPU_OPTIONS = {
+    "train": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"},
+    "forward": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"},
+}
+PROGRAMS = tuple(_CPU_OPTIONS)
 
 
 def available_cores() -> int:
@@ -85,9 +101,9 @@ def configure_devices(requested: int, num_members: int,
 
 
 @functools.cache
-def _accepted_options() -> tuple[tuple[str, str], ...]:
+def _accepted_options(program: str) -> tuple[tuple[str, str], ...]:
   accepted = []
-  for name, value in _CPU_OPTIONS.items():
+  for name, value in _CPU_OPTIONS[program].items():
     try:
       jax.jit(lambda x: x + 1, compiler_options={name: value}).lower(
           jnp.zeros((), jnp.float32)).compile()
@@ -98,12 +114,23 @@ def _accepted_options() -> tuple[tuple[str, str], ...]:
   return tuple(accepted)
 
 
-def compiler_options(platform: str | None = None) -> dict[str, str] | None:
-  """``compiler_options`` for ``jax.jit`` of the sweep step on ``platform`` (default: JAX's).
+def compiler_options(platform: str | None = None,
+                     program: str = "train") -> dict[str, str] | None:
+  """``compiler_options`` for ``jax.jit`` of a ``program`` on ``platform`` (default: JAX's).
 
-  Returns None off CPU, or when this jaxlib accepts none of the options.
+  Args:
+    platform: ``"cpu"``, ``"gpu"``, ``"tpu"``...; None: ``jax.default_backend()``.
+    program: ``"train"`` (a train step) or ``"forward"`` (evaluation, scoring, sampling);
+      see the module docstring.
+
+  Returns None off CPU, or when this jaxlib accepts none of the program's options.
+
+  Raises:
+    ValueError: for an unknown ``program``.
   """
+  if program not in _CPU_OPTIONS:
+    raise ValueError(f"program={program!r} is not one of {list(PROGRAMS)}.")
   platform = platform or jax.default_backend()
   if platform != "cpu":
     return None
-  return dict(_accepted_options()) or None
+  return dict(_accepted_options(program)) or None
