@@ -478,10 +478,16 @@ def analytic_flops(config, n_members: int) -> dict:
   # The evaluator's path (gpo_jax.evaluation.policy): π and π_ref decode side by side
   # (sampling.sample_measured), each prompt prefilled once for its samples, every decode step
   # attending over the sampler's C + T - 1 cache slots; the gold network over the response
-  # positions after the eval contexts' cached states (computed once per run, not counted).
+  # positions after the eval contexts' cached states (computed once per run, not counted),
+  # its last block's query, attention and MLP at the read position only (score_after).
   sample = 2 * (model_lib.flops_per_token(pcfg, c_len) * c_len * e
                 + model_lib.flops_per_token(pcfg, c_len + t_len - 1) * (t_len - 1) * n)
-  gold = model_lib.flops_per_token(gcfg, c_len + t_len) * t_len * n
+  d, f = gcfg.d_model, gcfg.d_ff
+  gold_layer = ((model_lib.flops_per_token(gcfg, c_len + t_len) - 2 * d * gcfg.vocab_size)
+                / gcfg.n_layers)   # one block, one token (no unembedding: a scalar head)
+  last_block = (t_len * 2 * (2 * d * d)                       # keys and values of T positions
+                + 2 * (2 * d * d + 2 * d * f) + 2 * 2 * (c_len + t_len) * d)   # one query
+  gold = (t_len * (gcfg.n_layers - 1) * gold_layer + last_block + 2 * d) * n
   offline = model_lib.flops_per_token(pcfg, seq) * seq * 2 * k * (1 + 1 / chunk)
   per_member_eval = sample + gold + offline
   return {"train_per_member": float(train), "train_step": float(train * n_members),

@@ -204,18 +204,36 @@ def test_measuring_while_sampling_equals_the_two_pass_evaluation(case):
 
 
 def test_the_evaluation_compiles_as_a_forward_program_and_options_change_no_result(case):
-  """The evaluator jits with the platform's options for forward programs; JAX's default
-  options (set on the evaluator: it re-jits) give the same metrics and responses."""
+  """The evaluator jits with the platform's options for forward programs — its compiled
+  program's YNNPACK calls are single dots, unlike under JAX's default options — and JAX's
+  default options (set on the evaluator: it re-jits and recomputes the gold prefix) give the
+  same metrics and responses."""
+  from test_cpu import _ynn_bodies
   ev, res = case["ev"], case["res"]
   assert ev.compiler_options == cpu_lib.compiler_options(None, "forward")
   if ev.compiler_options is None:
     pytest.skip("this jaxlib accepts no XLA:CPU options: nothing to compare")
+  params, hp = case["stacked"], case["members"].hparams()
+
+  def bodies():
+    return _ynn_bodies(ev._run(params, hp, 5, lower=True).compile().as_text())
+
   opts = ev.compiler_options
+  tuned = bodies()
+  assert tuned and all(ops == {"dot"} for ops in tuned), tuned
   ev.compiler_options = None
   try:
-    other = ev(case["stacked"], case["members"].hparams(), 5)
+    assert ev.gold_prefix is None
+    default = bodies()
+    other = ev(params, hp, 5)
   finally:
     ev.compiler_options = opts
+  norm = lambda x: jnp.mean(jnp.square(jnp.tanh(x)), axis=-1)  # noqa: E731
+  probe = _ynn_bodies(jax.jit(norm).lower(jnp.ones((512, 64))).compile().as_text())
+  if not probe:
+    pytest.skip("this jaxlib hands no elementwise/reduce work to YNNPACK by default")
+  assert any(ops != {"dot"} for ops in default), (
+      f"with JAX's default options the evaluation should use more than single dots: {default}")
   for name in ("kl", "entropy", "gold/reward", "gold/win_rate", "rewards/margins"):
     np.testing.assert_allclose(res[name], other[name], rtol=1e-4, atol=1e-5, err_msg=name)
   np.testing.assert_array_equal(res[evaluation.SHOWN + "response"],

@@ -194,3 +194,18 @@ def test_pod_plan_quick_mode(tmp_path):
     for chip in pod_plan.HARDWARE:
       assert c["estimates"][chip]["train"]["policy_updates_per_s"] > 0
   assert "estimate" in (tmp_path / "POD_PLAN.md").read_text()
+
+
+def test_pod_plan_counts_the_gold_as_the_evaluator_runs_it():
+  """The roofline's ideal gold FLOPs per response (last block at the read position only)
+  agree with bench_eval's formula, which tests/test_bench_eval.py checks against XLA."""
+  import bench_eval
+  config = _tiny_config()
+  lab = LabConfig.from_dict(config.lab)
+  c, t = lab.corpus.prompt_len + 2, lab.corpus.response_len
+  n = (config.eval.n_prompts or lab.n_eval_prompts) * config.eval.samples_per_prompt
+  got = pod_plan.analytic_flops(config, 1)["eval_parts_per_member"]["gold (responses)"] / n
+  want = bench_eval.gold_response_flops(lab.gold_config, c, t)
+  full = t * bench_eval.gold_flops_per_token(lab.gold_config, c + t // 2)
+  assert got == pytest.approx(want, rel=0.05), (got, want)
+  assert got < 0.95 * full

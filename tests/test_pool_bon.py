@@ -185,6 +185,12 @@ def test_pi_ref_pool_is_cached_beside_the_lab_and_never_trusted_blindly(tiny_lab
   assert other._pool_path() != fresh._pool_path()
   assert _evaluator(tiny_lab, seed=12346)._pool_path() != fresh._pool_path()
   assert _evaluator(tiny_lab, seed=12345, n=N // 2)._pool_path() != fresh._pool_path()
+  # ... and so are other compiler options (they may round differently)
+  opts = _evaluator(tiny_lab, seed=12345)
+  opts.compiler_options = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
+  assert opts._pool_path() != fresh._pool_path()
+  opts.compiler_options = fresh.compiler_options
+  assert opts._pool_path() == fresh._pool_path()
   # a damaged cache is recomputed (same values) and rewritten
   with open(fresh._pool_path(), "wb") as f:
     f.write(b"not an npz")

@@ -271,7 +271,8 @@ class Evaluator:
   @property
   def compiler_options(self) -> dict[str, str] | None:
     """XLA compiler options of the evaluation's programs (default: the platform's for
-    forward programs, :func:`gpo_jax.runtime.cpu.compiler_options`); setting them re-jits."""
+    forward programs, :func:`gpo_jax.runtime.cpu.compiler_options`); setting them re-jits
+    and drops the gold prefix (recomputed under the new options at the next call)."""
     return self._compiler_options
 
   @compiler_options.setter
@@ -282,6 +283,7 @@ class Evaluator:
     self._eval_two_pass = jit(functools.partial(self._eval_all, two_pass=True))
     self._pool = jit(self._pool_fn)
     self._gold_prefix_jit = jit(self._gold_prefix)
+    self.gold_prefix = None
 
   def _place(self, tree):
     """Copies host-identical constants onto ``self.sharding`` (no-op without one)."""

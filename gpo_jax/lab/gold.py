@@ -149,8 +149,9 @@ class GoldFn:
   ``fn.prefix(params, ctx_ExC)`` runs the network over contexts once;
   ``fn.after_prefix(params, prefix_B, ctx_BxC, resp_BxT, mask_BxT)`` then scores responses
   from it (``prefix_B``: the prefix's rows taken for each response's context), running the
-  network over the ``T`` response positions only: the same score as ``fn(...)`` up to float
-  rounding, at ``T / (C + T)`` of the network's FLOPs. An evaluation that scores the same
+  network over the ``T`` response positions only (its last block's query, attention and MLP
+  at the read position only, ``RewardModel.score_after``): the same score as ``fn(...)`` up
+  to float rounding, at less than ``T / (C + T)`` of the network's FLOPs. An evaluation that scores the same
   eval prompts for every member and step computes the prefix once per run.
   """
 

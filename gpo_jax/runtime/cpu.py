@@ -13,8 +13,9 @@ depends on the program (:func:`compiler_options`, ``program=``):
 
 - ``"train"`` (a train step: forward, backward, optimizer): YNNPACK for dot fusions only
   (``LIBRARY_FUSION_TYPE_DOT``), the elementwise and reduction work in XLA's own loops.
-- ``"forward"`` (evaluation, scoring and sampling outside a train step: forward passes and
-  KV-cache decode steps of a few thousand rows): each dot its own YNNPACK call
+- ``"forward"`` (forward passes and KV-cache decode steps of a few thousand rows outside a
+  train step; used by the policy and reward-model evaluators — the proxy scorer, ICDPO and
+  the lab builders still jit with JAX's defaults): each dot its own YNNPACK call
   (``LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT``); fusing the dots with their neighbours made the
   prefill and the decode steps ~1.5-2× slower, a train step with individual dots ~1.2×
   slower. ``experiments/bench_eval.py`` times the evaluation and the train step under each
