@@ -151,8 +151,9 @@ class GoldFn:
   from it (``prefix_B``: the prefix's rows taken for each response's context), running the
   network over the ``T`` response positions only (its last block's query, attention and MLP
   at the read position only, ``RewardModel.score_after``): the same score as ``fn(...)`` up
-  to float rounding, at less than ``T / (C + T)`` of the network's FLOPs. An evaluation that scores the same
-  eval prompts for every member and step computes the prefix once per run.
+  to float rounding, at less than ``T / (C + T)`` of the network's FLOPs. An evaluation
+  that scores the same eval prompts for every member and step computes the prefix once per
+  run.
   """
 
   def __init__(self, graphdef, net_mean: float, net_std: float, terms: GoldTerms):
