@@ -16,7 +16,11 @@ _TAIL = 4000
 def env(devices=8, base=None):
   """os.environ (or `base`) with `devices` simulated CPU devices, the repo and tests/ importable."""
   out = dict(os.environ if base is None else base)
-  out["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  # XLA:CPU aborts a collective whose simulated devices do not all arrive within 40 s; on a
+  # heavily loaded 2-core machine (8 device threads) that happened to a healthy test (CI,
+  # 2026-12-01), so the recipe allows 10 minutes (run_json's own timeout is 15).
+  out["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices} "
+                      "--xla_cpu_collective_call_terminate_timeout_seconds=600")
   out["JAX_PLATFORMS"] = "cpu"
   out.pop("JAX_NUM_CPU_DEVICES", None)  # would fight XLA_FLAGS over the device count
   out["PYTHONPATH"] = os.pathsep.join(
