@@ -291,3 +291,33 @@ def test_repeats_prefill_each_context_once_and_give_the_repeated_rows():
       gs.sample(model, ctx, key, max_new_tokens=4, repeats=bad)
   # a NumPy integer (e.g. a config value) is a valid count
   assert gs.sample(model, ctx, key, max_new_tokens=4, repeats=np.int64(2))[0].shape == (6, 4)
+
+
+def test_first_max_index_is_argmax_bit_for_bit():
+  """Ties (first wins), -inf rows, NaN rows (first NaN), large and small vocabularies."""
+  rng = np.random.default_rng(0)
+  for v in (1, 2, 7, 32, 1000):
+    x = rng.standard_normal((257, v)).astype(np.float32)
+    x[:40] = np.round(x[:40])                      # many ties
+    x[40] = -np.inf
+    x[41, v // 2] = np.nan
+    x[42, :] = np.nan
+    x[43] = 5.0
+    if v > 2:
+      x[44, [1, v - 1]] = [np.nan, np.nan]
+      x[45, [0, v - 1]] = [np.inf, np.inf]
+    got = np.asarray(jax.jit(gs.first_max_index)(jnp.asarray(x)))
+    np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
+    assert got.dtype == np.int32
+
+
+def test_gumbel_max_draws_what_jax_categorical_draws():
+  """The sampler's draw equals ``jax.random.categorical`` token for token (same keys)."""
+  logits = jnp.asarray(np.random.default_rng(1).standard_normal((512, 32)) * 3, jnp.float32)
+  logits = logits.at[:8, :4].set(-jnp.inf)          # filtered tokens, as after top-k/top-p
+  draw = jax.jit(gs.gumbel_max)
+  ref = jax.jit(lambda k, x: jax.random.categorical(k, x, axis=-1))
+  for seed in range(20):
+    key = jax.random.key(seed)
+    np.testing.assert_array_equal(np.asarray(draw(key, logits)), np.asarray(ref(key, logits)))
+  assert not np.any(np.asarray(draw(jax.random.key(0), logits))[:8] < 4)

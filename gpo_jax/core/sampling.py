@@ -72,12 +72,35 @@ def filter_logits(
   return logits_BxV
 
 
+def first_max_index(x_BxV: Array) -> Array:
+  """``jnp.argmax(x, axis=-1)`` (the first maximum; the first NaN if a row has one), int32.
+
+  Two plain reductions (max, then the smallest index attaining it) instead of argmax's
+  reduction over (value, index) pairs: XLA:CPU ran that pair reduction, with the Gumbel
+  transform fused into it, at ~0.5 ms per decode step of 1024 rows × 32 tokens, about 4 %
+  of a sampler call. Same result bit for bit (tests/test_sampling.py).
+  """
+  v = x_BxV.shape[-1]
+  max_Bx1 = jnp.max(x_BxV, axis=-1, keepdims=True)
+  nan_BxV = jnp.isnan(x_BxV)   # (XLA:CPU's max may skip a NaN; argmax returns the first one)
+  hit_BxV = jnp.where(jnp.any(nan_BxV, axis=-1, keepdims=True), nan_BxV, x_BxV == max_Bx1)
+  return jnp.min(jnp.where(hit_BxV, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
+
+
+def gumbel_max(key: Array, logits_BxV: Array) -> Array:
+  """One draw per row from ``softmax(logits)``: ``jax.random.categorical(key, logits)``'s
+  Gumbel-max draw (the same Gumbel noise and sum) with :func:`first_max_index` for the
+  argmax, so the same tokens bit for bit."""
+  noise_BxV = jax.random.gumbel(key, logits_BxV.shape, logits_BxV.dtype)
+  return first_max_index(noise_BxV + logits_BxV)
+
+
 def _choose(logits_BxV, key, done_B, temperature, top_k, top_p, eos_id, pad_id):
   """One sampling step: returns (token_B, in_response_B, done_B after this token)."""
   temperature = jnp.asarray(temperature, jnp.float32)
   safe_t = jnp.where(temperature > 0, temperature, 1.0)
-  sampled_B = jax.random.categorical(key, filter_logits(logits_BxV, safe_t, top_k, top_p), axis=-1)
-  greedy_B = jnp.argmax(logits_BxV, axis=-1)
+  sampled_B = gumbel_max(key, filter_logits(logits_BxV, safe_t, top_k, top_p))
+  greedy_B = first_max_index(logits_BxV)
   token_B = jnp.where(temperature > 0, sampled_B, greedy_B).astype(jnp.int32)
   token_B = jnp.where(done_B, pad_id, token_B)
   in_response_B = ~done_B
