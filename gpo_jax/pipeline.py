@@ -17,12 +17,12 @@ proxy, on its eval prompts. Finally the RL run's standard report and the proxy-s
 report (:mod:`gpo_jax.analysis.proxy`) are written under ``<workdir>/rl/report``.
 """
 
-import json
 import os
 
 import ml_collections
 
 from gpo_jax.run import loop
+from gpo_jax.runtime import writers
 
 STAGE_PREFIX_RL = "rl"
 
@@ -166,10 +166,7 @@ def write_compare(config, workdir: str) -> str | None:
       raise FileNotFoundError(f"compare.{k}={v!r}: {d} is not a run directory (no metrics.jsonl)")
     rel[k] = os.path.relpath(d, root)
   path = os.path.join(root, COMPARE_FILE)
-  with open(path + ".tmp", "w") as f:
-    json.dump(rel, f, indent=1, sort_keys=True)
-  os.replace(path + ".tmp", path)
-  return path
+  return writers.save_json_atomic(path, rel, indent=1, sort_keys=True)
 
 
 def _incontext_lab(config, workdir: str, log):

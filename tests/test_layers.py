@@ -21,7 +21,7 @@ ALLOWED = {
                    "proxies", "incontext"},
     "run": {"algorithms", "engine", "evaluation", "objectives", "core", "lab", "runtime",
             "analysis"},
-    "pipeline": {"run", "analysis", "incontext", "lab"},
+    "pipeline": {"run", "analysis", "incontext", "lab", "runtime"},
     "main": {"run", "pipeline"},
     "analysis": {"evaluation.bon", "objectives.ensembles"},
 }

@@ -155,3 +155,15 @@ def test_train_metrics_go_to_tensorboard_per_member_and_step(tmp_path):
   assert writers.read_jsonl(tmp_path / "metrics.jsonl") == [], "train metrics are TB-only"
   with pytest.raises(ValueError, match="integer step"):
     writers.MetricsWriter(tmp_path / "b").write_train(1.5, {"loss": np.zeros(2)})
+
+
+def test_save_json_atomic_replaces_whole_files_and_keeps_the_old_one_on_failure(tmp_path):
+  path = tmp_path / "manifest.json"
+  assert writers.save_json_atomic(path, {"b": 1, "a": [1.5]}, indent=1, sort_keys=True) == str(path)
+  assert path.read_text() == json.dumps({"a": [1.5], "b": 1}, indent=1, sort_keys=True)
+  writers.save_text_atomic(path, "{\"a\": 2}")
+  assert json.loads(path.read_text()) == {"a": 2}
+  with pytest.raises(TypeError):
+    writers.save_json_atomic(path, {"a": object()})   # not serialisable: nothing is written
+  assert json.loads(path.read_text()) == {"a": 2}
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"]

@@ -225,10 +225,7 @@ def run(lab, rl_dir: str, out_dir: str, *, ks=(2,), retrievers=retrieval_lib.RET
   os.makedirs(out_dir, exist_ok=True)
   writers.save_npz_atomic(os.path.join(out_dir, OUT_NPZ),
                           {k.replace("/", "__"): v.astype(np.float64) for k, v in per_prompt.items()})
-  tmp = os.path.join(out_dir, f"{OUT_JSON}.tmp-{os.getpid()}")
-  with open(tmp, "w") as f:
-    json.dump(info, f, indent=1, sort_keys=True)
-  os.replace(tmp, os.path.join(out_dir, OUT_JSON))
+  writers.save_json_atomic(os.path.join(out_dir, OUT_JSON), info, indent=1, sort_keys=True)
   log(f"ICDPO on the proxy pool: {len(scores) - 1} ICDPO configs, {len(prox)} proxy selectors, "
       f"{time.time() - t0:.0f} s")
   return out_dir

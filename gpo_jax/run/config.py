@@ -24,6 +24,7 @@ from gpo_jax import algorithms
 from gpo_jax.engine.members import Members
 from gpo_jax.engine.program import TrainConfig
 from gpo_jax.runtime import sharding
+from gpo_jax.runtime import writers
 
 
 def lock(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -68,10 +69,7 @@ def write_config_json(config: Any, workdir: str | os.PathLike, name: str = "conf
   import jax  # local: only the writer needs to know its process index
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.write(to_json(config))
-    os.replace(tmp, path)
+    writers.save_text_atomic(path, to_json(config))
   return path
 
 

@@ -334,13 +334,12 @@ def _run_locked(config, workdir, primary, t_start, *, stop_at, log, progress) ->
 
 def write_artifact(path: str, payload) -> None:
   """An evaluator's one-time artifact: ``.npz`` (a dict of arrays) or JSON, written aside then renamed."""
+  if not path.endswith(".npz"):
+    writers_lib.save_json_atomic(path, payload, indent=1)
+    return
   tmp = f"{path}.tmp-{os.getpid()}"
-  if path.endswith(".npz"):
-    with open(tmp, "wb") as f:
-      np.savez_compressed(f, **payload)
-  else:
-    with open(tmp, "w") as f:
-      json.dump(payload, f, indent=1)
+  with open(tmp, "wb") as f:
+    np.savez_compressed(f, **payload)
   os.replace(tmp, path)
 
 
@@ -423,7 +422,4 @@ def write_manifest(workdir, lab, mesh, members, start, steps, wall, best,
   }
   # Written aside, then renamed: a run killed mid-write must not leave a torn manifest,
   # which every later rerun of the workdir would fail to parse above.
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(manifest, f, indent=1)
-  os.replace(tmp, path)
+  writers_lib.save_json_atomic(path, manifest, indent=1)

@@ -69,6 +69,23 @@ def save_npz_atomic(path: str | os.PathLike, arrays: Mapping[str, Any]) -> str:
   return path
 
 
+def save_text_atomic(path: str | os.PathLike, text: str) -> str:
+  """Writes ``text`` (UTF-8) to ``path`` through a temporary file and ``os.replace``: a crash
+  leaves the old file or the new one, never a torn one (which a rerun would fail to parse).
+  Returns the path."""
+  path = os.fspath(path)
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write(text)
+  os.replace(tmp, path)
+  return path
+
+
+def save_json_atomic(path: str | os.PathLike, obj: Any, **dump_kwargs) -> str:
+  """``json.dump(obj, **dump_kwargs)`` to ``path`` as :func:`save_text_atomic` writes text."""
+  return save_text_atomic(path, json.dumps(obj, **dump_kwargs))
+
+
 def truncate_jsonl(path: str | os.PathLike, max_step: int, log=None) -> int:
   """Keeps rows with ``step <= max_step`` (and drops a torn last line); returns rows dropped.
 
