@@ -153,8 +153,8 @@ def test_train_metrics_go_to_tensorboard_per_member_and_step(tmp_path):
   assert "member_001/train/loss" not in scalars, "non-finite values must be skipped"
   assert scalars["member_001/train/diverged"] == [(s, 1.0) for s in (1, 2, 3)]
   assert writers.read_jsonl(tmp_path / "metrics.jsonl") == [], "train metrics are TB-only"
-  with pytest.raises(ValueError, match="integer step"):
-    writers.MetricsWriter(tmp_path / "b").write_train(1.5, {"loss": np.zeros(2)})
+  with writers.MetricsWriter(tmp_path / "b") as bad, pytest.raises(ValueError, match="integer step"):
+    bad.write_train(1.5, {"loss": np.zeros(2)})
 
 
 def test_save_json_atomic_replaces_whole_files_and_keeps_the_old_one_on_failure(tmp_path):
