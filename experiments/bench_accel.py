@@ -34,24 +34,30 @@ fits and the table says so; (b) then uses the same batch, so the comparison stay
 XLA:CPU the ``large`` step at K = 64 and the pod config's batch 256 needs ~165 GiB of
 temporaries; an H200 has ~141 GB.)
 
-Analytic FLOPs (what is counted). Per member and step the policy reads ``n_seq = 2 x
-batch_size`` sequences (chosen and rejected) of ``L = P + T - 1`` tokens, ``tokens = n_seq x
-L``. With ``N`` the matmul weights of the policy, ``N = n_layers (3 d^2 + d^2 + 2 d d_ff) +
-d V`` (fused QKV, attention output, MLP up and down, unembedding; the embedding tables are
-gathered, not multiplied, and norm scales are elementwise, so neither is in ``N``)::
+Analytic FLOPs (what is counted). Per member and step the policy runs each of the
+``batch_size`` prompts (``P`` tokens) once and both responses (chosen and rejected) after it
+(``gpo_jax.core.model.prompt_response_logprobs``): the response positions the policy reads
+are ``T - 1`` each, so the step runs ``tokens = batch_size x (P + 2 (T - 1))`` positions
+(two whole sequences per pair would be ``2 (P + T - 1)``). With ``N`` the matmul weights of
+the policy, ``N = n_layers (3 d^2 + d^2 + 2 d d_ff) + d V`` (fused QKV, attention output,
+MLP up and down, unembedding; the embedding tables are gathered, not multiplied, and norm
+scales are elementwise, so neither is in ``N``), and ``S`` the keys a position attends over
+(``P`` for a prompt position, ``P + T - 1`` for a response position: the full masked score
+matrix, not skipped)::
 
-    forward  = 2 N tokens + n_layers * 4 L d * tokens    (QK^T and PV over the full L x L
-                                                           score matrix: masked, not skipped)
-    step     = 3 x forward = 6 N tokens + 12 n_layers L d tokens      (backward = 2 x forward:
-               input and weight gradients of every matmul, the first layer's input gradient
-               included since the embeddings are trained)
-    + reference forward 2 N tokens + 4 n_layers L d tokens:  NOT executed and NOT counted --
-      the offline-GPO step reads π_ref's log-probs from the dataset (gpo_jax/algorithms/gpo.py),
-      so the frozen reference never runs in the train step (``ref_fwd = 0`` in the JSON).
+    forward  = 2 N tokens + n_layers * 4 d * sum over positions of S
+    step     = 3 x forward      (backward = 2 x forward: input and weight gradients of every
+               matmul, the first layer's input gradient included since the embeddings are
+               trained)
+    + reference forward:  NOT executed and NOT counted -- the offline-GPO step reads π_ref's
+      log-probs from the dataset (gpo_jax/algorithms/gpo.py), so the frozen reference never
+      runs in the train step (``ref_fwd = 0`` in the JSON).
 
+The unembedding is counted at every position (the step computes it at the prompt's last
+one only; ``P - 1`` positions of ``2 d V`` FLOPs each per pair, under 1 % here).
 Softmax, GELU, norms, the loss and Adam are not matmuls and are not counted (XLA's count
 includes them, so ``xla / analytic`` is slightly above 1). The analytic count equals
-``3 x gpo_jax.core.model.flops_per_token(cfg, L) x tokens`` (checked at run time). It is
+``3 x gpo_jax.core.model.flops_per_token`` summed over the positions (checked at run time). It is
 cross-checked against ``jax.jit(step).lower(...).compile().cost_analysis()['flops']`` of the
 very executable that is timed; MFU = K x analytic / t_step / peak.
 
@@ -188,15 +194,21 @@ def row_peak(device_kind: str, dtype: str, platform_name: str, precision) -> dic
 # --------------------------------------------------------------------------- FLOPs
 
 
-def step_flops(cfg: model_lib.TransformerConfig, n_seq: int, seq: int) -> dict:
-  """Analytic FLOPs of one member's offline-GPO train step (module docstring)."""
+def step_flops(cfg: model_lib.TransformerConfig, n_pairs: int, prompt_len: int,
+               response_len: int) -> dict:
+  """Analytic FLOPs of one member's offline-GPO train step on ``n_pairs`` pairs (module
+  docstring): the prompt once, both responses after it."""
   d, f, v, nl = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.n_layers
   n_matmul = nl * (3 * d * d + d * d + 2 * d * f) + d * v
-  tokens = n_seq * seq
+  prompt_tokens = n_pairs * prompt_len
+  response_tokens = 2 * n_pairs * (response_len - 1)
+  tokens = prompt_tokens + response_tokens
   dense_fwd = 2 * n_matmul * tokens
-  attn_fwd = nl * 4 * seq * d * tokens
+  attn_fwd = nl * 4 * d * (prompt_tokens * prompt_len
+                           + response_tokens * (prompt_len + response_len - 1))
   fwd = dense_fwd + attn_fwd
-  return {"n_matmul_params": n_matmul, "tokens": tokens, "dense_fwd": dense_fwd,
+  return {"n_matmul_params": n_matmul, "tokens": tokens, "prompt_tokens": prompt_tokens,
+          "response_tokens": response_tokens, "dense_fwd": dense_fwd,
           "attention_fwd": attn_fwd, "policy_fwd": fwd, "policy_bwd": 2 * fwd,
           "ref_fwd": 0, "total": 3 * fwd}
 
@@ -321,12 +333,14 @@ def measure_dtype(dtype, base_wl, all_members, k, tcfg, args, options, mem_limit
   seq["xla_flops_one"] = steps.get(members.select([0]))[1]["flops"]
   log(f"{dtype}: (b) sequential: {seq['updates_per_s']:.1f} updates/s "
       f"({1e3 * seq['s_per_step'] / k:.2f} ms per single-member step)")
-  n_seq, seq_len = 2 * bsz, wl.seq_len - 1
-  fl = step_flops(wl.cfg, n_seq, seq_len)
-  check = 3 * model_lib.flops_per_token(wl.cfg, seq_len) * n_seq * seq_len
+  p_len = int(wl.pairs["prompt"].shape[1])
+  t_len = wl.seq_len - p_len
+  fl = step_flops(wl.cfg, bsz, p_len, t_len)
+  check = 3 * (model_lib.flops_per_token(wl.cfg, p_len) * fl["prompt_tokens"]
+               + model_lib.flops_per_token(wl.cfg, p_len + t_len - 1) * fl["response_tokens"])
   if fl["total"] != check:
-    raise AssertionError(f"analytic FLOPs {fl['total']} != 3 x model.flops_per_token x "
-                         f"tokens = {check}")
+    raise AssertionError(f"analytic FLOPs {fl['total']} != 3 x model.flops_per_token over "
+                         f"the positions = {check}")
   return {"dtype": dtype, "k": k, "batch_size": bsz, "notes": notes, "flops": fl,
           "vmapped": vec, "sequential": seq, "steps": steps, "members": members, "wl": wl}
 
@@ -449,15 +463,17 @@ def render(res: dict) -> str:
       f"- **Versions:** {res['versions']}; `jax_default_matmul_precision` = "
       f"`{res['matmul_precision']}`.",
       f"- **Workload:** {w['source']}. Policy {w['cfg']} ({w['n_params']:,} params, "
-      f"{w['n_matmul_params']:,} in matmuls); sequences of {w['seq_len']} tokens (the policy "
-      f"reads {w['seq_len'] - 1}); settings of `{w['run_config']}`: {w['train_note']}. "
+      f"{w['n_matmul_params']:,} in matmuls); pairs of a {w['prompt_len']}-token prompt and "
+      f"two {w['seq_len'] - w['prompt_len']}-token responses (the prompt run once, each "
+      f"response read after it); settings of `{w['run_config']}`: {w['train_note']}. "
       f"Members: K={w['k']} configs of that sweep ({w['members_note']}).",
       f"- **Timing:** (a) compile, 2 warm-up steps, median of {res['repeats']} blocks of "
       f"consecutive steps (~{res['block_s']} s each); (b) all K configs run one after another, "
       f"each from π_ref for {res['seq_steps']} steps, with one compiled and warmed-up K=1 step; "
       f"(d) the real `Evaluator` on the K members, median of {res['eval_repeats']} calls after "
       "a first (compiling) call. Compile times are separate columns.",
-      "- **FLOPs:** analytic per member-step = 6·N·tokens + 12·n_layers·L·d·tokens (no "
+      "- **FLOPs:** analytic per member-step = 3 × (2·N·tokens + 4·n_layers·d·Σ keys attended) "
+      "over the B·(P + 2(T − 1)) positions the step runs (no "
       "reference forward: the offline step reads π_ref's log-probs from the data); MFU = "
       "K × analytic / step time / peak. XLA's `cost_analysis()['flops']` of the timed "
       "executable is shown as a cross-check (it also counts elementwise work).",
@@ -613,8 +629,8 @@ def main(argv=None) -> int:
       "workload": {
           "source": wl.source, "run_config": config_name, "cfg": _cfg_str(c),
           "n_params": model_lib.param_count(wl.params),
-          "n_matmul_params": step_flops(c, 1, 1)["n_matmul_params"],
-          "seq_len": wl.seq_len, "k": args.k,
+          "n_matmul_params": step_flops(c, 1, 1, 1)["n_matmul_params"],
+          "seq_len": wl.seq_len, "prompt_len": int(wl.pairs["prompt"].shape[1]), "k": args.k,
           "train_note": (f"Adam b1 {tcfg.b1} b2 {tcfg.b2}, clip {tcfg.grad_clip}, warmup "
                          f"{tcfg.warmup_steps}, config batch {config.train.batch_size}"
                          + (f" (overridden to {tcfg.batch_size})"

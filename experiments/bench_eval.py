@@ -33,10 +33,12 @@ Analytic FLOPs of one evaluation, per member (``E`` prompts × ``n`` samples, co
 2 × matmul parameters + the attention terms): π and π_ref sampled side by side
 ``2·(E·C + E·n·T)·F(π)`` (each prompt prefilled once for its ``n`` samples); gold over the
 responses ``E·n·G(gold)`` (``gold_response_flops``: the last block only at the read
-position; the contexts' ``E·C·F(gold)`` once per run, not counted); offline diagnostics ``(1 + 1/chunk)·2·P·L·F(π)`` on ``P`` test
-pairs. The two-pass path: sampling ``E·n·L·F(π)``, policy and π_ref forward
-``2·E·n·L·F(π)``, gold ``E·n·L·F(gold)``, the same offline diagnostics. The train step per member: ``3 · 2·B·L·F(π)`` (forward and backward of both
-responses of ``B`` pairs; π_ref's log-probs are read from the data).
+position; the contexts' ``E·C·F(gold)`` once per run, not counted); offline diagnostics
+``(1 + 1/chunk)·P·(C + 2·T)·F(π)`` on ``P`` test pairs (each prompt once, both responses
+after it: ``model.prompt_response_logprobs``). The two-pass path: sampling ``E·n·L·F(π)``,
+policy and π_ref forward ``2·E·n·L·F(π)``, gold ``E·n·L·F(gold)``, the same offline
+diagnostics. The train step per member: ``3 · B·(C + 2·T)·F(π)`` (forward and backward of
+``B`` pairs, each prompt once; π_ref's log-probs are read from the data).
 
 Run (the ``small`` lab is built on first use, ~2 min)::
 
@@ -100,7 +102,7 @@ def analytic(config, lab, m: int) -> dict:
   f_gold = gold_flops_per_token(gc, length // 2)
   p = min(config.eval.n_test_pairs or 10**9, len(lab.pairs("test")["chosen"]))
   chunk = min(config.eval.member_chunk, m)
-  offline = (1 + 1 / chunk) * 2 * p * length * f_pi
+  offline = (1 + 1 / chunk) * p * (c + 2 * t) * f_pi
   parts = {"π and π_ref sampled side by side": 2 * (e * c + e * n * t) * f_pi,
            "gold (response positions)": e * n * gold_response_flops(gc, c, t),
            "offline diagnostics": offline}
@@ -109,7 +111,7 @@ def analytic(config, lab, m: int) -> dict:
               "gold": e * n * length * f_gold, "offline diagnostics": offline}
   per_eval = {k: m * v for k, v in parts.items()}
   per_eval_two = {k: m * v for k, v in two_pass.items()}
-  step = m * 3 * 2 * config.train.batch_size * length * f_pi
+  step = m * 3 * config.train.batch_size * (c + 2 * t) * f_pi
   return {"eval_parts": per_eval, "eval_total": sum(per_eval.values()), "step": step,
           "eval_parts_two_pass": per_eval_two,
           "eval_total_two_pass": sum(per_eval_two.values())}

@@ -13,7 +13,8 @@ For each sweep size K it measures, in one run on one machine:
 
 Throughput is policy updates per second (members x steps / s). Achieved FLOP/s is XLA's
 cost analysis of the compiled step divided by the measured step time, shown next to the
-analytic matmul count (3 x ``model.flops_per_token`` x tokens) and as a fraction of the
+analytic matmul count (3 x ``model.flops_per_token`` x the positions the step runs:
+each prompt once, both responses after it) and as a fraction of the
 machine's float32 matmul ceiling (best of 7 jitted ``jnp.dot`` of 2048^3). The workload is
 the ``small`` lab's π_ref and train split with the sweep settings of ``configs/cpu_sweep.py``.
 
@@ -392,27 +393,45 @@ def time_sequential(steps: CompiledSteps, members: members_lib.Members, n_steps:
           "xla_flops": cost["flops"] * members.size, "xla_bytes": cost["bytes"] * members.size}
 
 
-def step_matmul_shapes(cfg: model_lib.TransformerConfig, n_seq: int, seq: int) -> list:
-  """Every matmul of one member's train step as ``(count, batch, m, k, n)``.
+def step_matmul_shapes(cfg: model_lib.TransformerConfig, n_pairs: int, p: int, t: int) -> list:
+  """Every matmul of one member's train step on ``n_pairs`` pairs as ``(count, batch, m, k, n)``.
 
-  Forward: QKV, attention scores and values, output projection, MLP up/down per layer and
-  the unembedding; backward: for each forward ``X[m,k] @ W[k,n]`` the input gradient
-  ``[m,n] @ [n,k]`` and the weight gradient ``[k,m] @ [m,n]`` (attention: both operand
-  gradients, same shapes as the forward pair).
+  The step runs each ``p``-token prompt once and both responses' ``t − 1`` read positions
+  after it (``model.prompt_response_logprobs``). Forward, per part (prompt, responses): QKV,
+  attention scores and values, output projection, MLP up/down per layer; the unembedding at
+  the prompt's last position and the response positions. Backward: for each forward
+  ``X[m,k] @ W[k,n]`` the input gradient ``[m,n] @ [n,k]`` and the weight gradient
+  ``[k,m] @ [m,n]`` (attention: both operand gradients, same shapes as the forward pair).
   """
   d, f, h, v = cfg.d_model, cfg.d_ff, cfg.n_heads, cfg.vocab_size
-  tok, hd, nl = n_seq * seq, cfg.head_dim, cfg.n_layers
-  dense = [(nl, tok, d, 3 * d), (nl, tok, d, d), (nl, tok, d, f), (nl, tok, f, d), (1, tok, d, v)]
+  hd, nl = cfg.head_dim, cfg.n_layers
+  parts = [(n_pairs, p, p)]                                   # (rows, positions, keys)
+  if t > 1:
+    parts.append((2 * n_pairs, t - 1, p + t - 1))
+  dense, att = [], []
+  for rows, pos, keys in parts:
+    tok = rows * pos
+    dense += [(nl, tok, d, 3 * d), (nl, tok, d, d), (nl, tok, d, f), (nl, tok, f, d)]
+    att += [(nl, rows * h, pos, hd, keys), (nl, rows * h, pos, keys, hd)]
+  dense.append((1, n_pairs + 2 * n_pairs * (t - 1), d, v))
   shapes = []
   for c, m, k, n in dense:
     shapes += [(c, 1, m, k, n), (c, 1, m, n, k), (c, 1, k, m, n)]
-  att = [(nl, n_seq * h, seq, hd, seq), (nl, n_seq * h, seq, seq, hd)]
   for c, b, m, k, n in att:
     shapes += [(3 * c, b, m, k, n)]
   return shapes
 
 
-def shape_matmul_rate(cfg, n_seq: int, seq: int, k_members: int, repeats: int = 5) -> dict:
+def step_analytic_flops(cfg: model_lib.TransformerConfig, n_pairs: int, p: int, t: int) -> int:
+  """Analytic FLOPs of one member's train step (forward + backward = 3 forwards) on
+  ``n_pairs`` pairs: the prompt's ``p`` positions once, both responses' ``t − 1`` after it
+  (``experiments/bench_accel.py``'s ``step_flops``, the same count)."""
+  return 3 * (model_lib.flops_per_token(cfg, p) * n_pairs * p
+              + model_lib.flops_per_token(cfg, p + t - 1) * 2 * n_pairs * (t - 1))
+
+
+def shape_matmul_rate(cfg, n_pairs: int, p: int, t: int, k_members: int,
+                      repeats: int = 5) -> dict:
   """Throughput of the step's own matmul shapes (K-batched as under vmap), each timed alone.
 
   Answers "how fast could this step go if it were nothing but its matmuls": the summed
@@ -421,7 +440,7 @@ def shape_matmul_rate(cfg, n_seq: int, seq: int, k_members: int, repeats: int = 
   """
   total_flops = total_s = 0.0
   key = jax.random.key(1)
-  for count, b, m, k, n in step_matmul_shapes(cfg, n_seq, seq):
+  for count, b, m, k, n in step_matmul_shapes(cfg, n_pairs, p, t):
     bb = b * k_members
     x = jax.random.normal(key, (bb, m, k), jnp.float32)
     w = jax.random.normal(key, (bb, k, n), jnp.float32)
@@ -586,9 +605,11 @@ def render(res: dict) -> str:
       f"- **Versions:** {res['versions']}.",
       f"- **Workload:** {w['source']}. Policy {w['cfg']} ({w['n_params']:,} params); "
       f"{w['batch_size']} pairs per member per step = {w['tokens_per_update']:,} tokens "
-      f"(sequences of {w['seq_len']} tokens, the policy reads {w['seq_len'] - 1}); analytic "
+      f"(each {w['prompt_len']}-token prompt run once, both {w['seq_len'] - w['prompt_len']}-token "
+      f"responses read after it: {w['prompt_len']} + 2 × {w['seq_len'] - w['prompt_len'] - 1} "
+      f"positions per pair; TRL runs both {w['seq_len']}-token sequences whole); analytic "
       f"train FLOPs per member-update {w['analytic_flops_per_update'] / 1e9:.3f} G "
-      f"(3 × `model.flops_per_token` × tokens). Members: the first K configs of "
+      f"(3 × `model.flops_per_token` × those positions). Members: the first K configs of "
       f"`configs/cpu_sweep.py` ({w['members_note']}).",
       f"- **Layouts:** (a) is what `python -m gpo_jax.main` runs on a CPU (`configs/cpu_sweep.py`: "
       f"`mesh.cpu_devices=-1` gives one XLA:CPU device per core, `mesh.sweep=-1` puts the "
@@ -737,8 +758,8 @@ def main(argv=None) -> int:
   if len(set(all_members.lr)) != 1:
     raise SystemExit("the benchmark assumes one learning rate in the sweep config.")
   data = sequences.pair_arrays(wl.pairs)
-  n_seq, seq = 2 * tcfg.batch_size, wl.seq_len - 1
-  fpt = model_lib.flops_per_token(wl.cfg, seq)
+  n_pairs, p_len = tcfg.batch_size, int(wl.pairs["prompt"].shape[1])
+  t_len = wl.seq_len - p_len
 
   ceiling = matmul_ceiling()
   print(f"matmul ceiling: {ceiling['gflops']:.1f} GFLOP/s", flush=True)
@@ -768,7 +789,7 @@ def main(argv=None) -> int:
     row["sequential"]["other_cpu"] = meter.share
     for r in row.values():
       r["xla_flops"], r["xla_bytes"] = k * per_member["flops"], k * per_member["bytes"]
-    diag = shape_matmul_rate(wl.cfg, n_seq, seq, k)
+    diag = shape_matmul_rate(wl.cfg, n_pairs, p_len, t_len, k)
     try:
       diag["op_share"] = op_time_breakdown(vmapped, members)
     except Exception as e:  # the profiler is a diagnostic; the benchmark stands without it
@@ -828,11 +849,12 @@ def main(argv=None) -> int:
           "n_params": model_lib.param_count(wl.params),
           "batch_size": tcfg.batch_size,
           "seq_len": wl.seq_len,
-          "tokens_per_update": n_seq * seq,
-          "analytic_flops_per_update": 3 * fpt * n_seq * seq,
+          "prompt_len": p_len,
+          "tokens_per_update": n_pairs * (p_len + 2 * (t_len - 1)),
+          "analytic_flops_per_update": step_analytic_flops(wl.cfg, n_pairs, p_len, t_len),
           # TRL feeds all P+T tokens (and shifts the logits afterwards).
           "analytic_flops_per_update_trl": 3 * model_lib.flops_per_token(c, wl.seq_len)
-                                           * n_seq * wl.seq_len,
+                                           * 2 * n_pairs * wl.seq_len,
           "members_note": f"{all_members.size} members, families {fam_names} round-robin, "
                           f"lr {lr:g}, Adam b2 {tcfg.b2}, clip {tcfg.grad_clip}",
       },

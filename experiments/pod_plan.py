@@ -470,7 +470,12 @@ def analytic_flops(config, n_members: int) -> dict:
   c_len, t_len = lab.corpus.prompt_len + 2, lab.corpus.response_len
   seq = c_len + t_len - 1
   b = config.train.batch_size
-  train = 3 * model_lib.flops_per_token(pcfg, seq) * seq * 2 * b
+  # Each prompt runs once and both responses' T - 1 read positions after it
+  # (model.prompt_response_logprobs), in the train step and the offline diagnostics alike.
+  def pairs_fwd(n_pairs):
+    return (model_lib.flops_per_token(pcfg, c_len) * c_len * n_pairs
+            + model_lib.flops_per_token(pcfg, seq) * (t_len - 1) * 2 * n_pairs)
+  train = 3 * pairs_fwd(b)
   e = config.eval.n_prompts or lab.n_eval_prompts
   n = e * config.eval.samples_per_prompt
   k = min(config.eval.n_test_pairs or lab.n_test_pairs, lab.n_test_pairs)
@@ -488,7 +493,7 @@ def analytic_flops(config, n_members: int) -> dict:
   last_block = (t_len * 2 * (2 * d * d)                       # keys and values of T positions
                 + 2 * (2 * d * d + 2 * d * f) + 2 * 2 * (c_len + t_len) * d)   # one query
   gold = (t_len * (gcfg.n_layers - 1) * gold_layer + last_block + 2 * d) * n
-  offline = model_lib.flops_per_token(pcfg, seq) * seq * 2 * k * (1 + 1 / chunk)
+  offline = pairs_fwd(k) * (1 + 1 / chunk)
   per_member_eval = sample + gold + offline
   return {"train_per_member": float(train), "train_step": float(train * n_members),
           "eval_per_member": float(per_member_eval), "eval": float(per_member_eval * n_members),

@@ -29,14 +29,17 @@ FLOP_TOLERANCE = (1.0, 1.15)
 
 
 @pytest.mark.parametrize("shape", [(32, 32, 2, 2, 64), (64, 256, 6, 8, 1024), (7, 30, 1, 3, 11)])
-@pytest.mark.parametrize("n_seq,seq", [(16, 19), (512, 33)])
-def test_analytic_flops_are_three_forward_passes(shape, n_seq, seq):
+@pytest.mark.parametrize("n_pairs,p,t", [(16, 8, 12), (512, 9, 25), (3, 4, 1)])
+def test_analytic_flops_are_three_forward_passes(shape, n_pairs, p, t):
+  """The prompt once, both responses' ``T − 1`` read positions after it, forward + backward."""
   vocab, d, layers, heads, d_ff = shape
   cfg = model_lib.TransformerConfig(vocab, d, layers, heads, d_ff, max_len=64)
-  fl = bench_accel.step_flops(cfg, n_seq, seq)
-  assert fl["total"] == 3 * model_lib.flops_per_token(cfg, seq) * n_seq * seq
+  fl = bench_accel.step_flops(cfg, n_pairs, p, t)
+  assert fl["prompt_tokens"] == n_pairs * p and fl["response_tokens"] == 2 * n_pairs * (t - 1)
+  assert fl["total"] == 3 * (model_lib.flops_per_token(cfg, p) * n_pairs * p
+                             + model_lib.flops_per_token(cfg, p + t - 1) * 2 * n_pairs * (t - 1))
   assert fl["total"] == fl["policy_fwd"] + fl["policy_bwd"] and fl["ref_fwd"] == 0
-  assert fl["dense_fwd"] == 2 * fl["n_matmul_params"] * n_seq * seq
+  assert fl["dense_fwd"] == 2 * fl["n_matmul_params"] * n_pairs * (p + 2 * (t - 1))
 
 
 def test_peak_table_reads_device_kinds():

@@ -17,16 +17,22 @@ from gpo_jax.core import model as model_lib  # noqa: E402
 
 
 @pytest.mark.parametrize("shape", [(48, 64, 3, 4, 256), (96, 128, 2, 8, 512), (11, 30, 1, 3, 7)])
-@pytest.mark.parametrize("n_seq,seq", [(64, 19), (4, 33)])
-def test_matmul_shapes_add_up_to_three_forward_passes(shape, n_seq, seq):
+@pytest.mark.parametrize("n_pairs,p,t", [(32, 8, 12), (2, 9, 25), (3, 4, 1)])
+def test_matmul_shapes_add_up_to_three_forward_passes(shape, n_pairs, p, t):
+  """The shapes timed in 'where the time goes' cover forward + backward of every matmul of
+  the shared-prompt step: the analytic count, less the unembedding the step skips at the
+  prompt's first ``p − 1`` positions; and the analytic count is bench_accel's."""
   vocab, d, layers, heads, d_ff = shape
   cfg = model_lib.TransformerConfig(vocab, d, layers, heads, d_ff, max_len=64)
   flops = sum(c * 2 * b * m * k * n for c, b, m, k, n in
-              bench_sweep.step_matmul_shapes(cfg, n_seq, seq))
-  expected = 3 * model_lib.flops_per_token(cfg, seq) * n_seq * seq
+              bench_sweep.step_matmul_shapes(cfg, n_pairs, p, t))
+  analytic = bench_sweep.step_analytic_flops(cfg, n_pairs, p, t)
+  expected = analytic - 3 * 2 * d * vocab * n_pairs * (p - 1)
   assert flops == expected, (
       "the per-matmul shapes timed in 'where the time goes' no longer cover forward + "
-      f"backward of the model's matmuls: {flops} vs 3 x flops_per_token x tokens = {expected}")
+      f"backward of the model's matmuls: {flops} vs {expected}")
+  import bench_accel
+  assert analytic == bench_accel.step_flops(cfg, n_pairs, p, t)["total"]
 
 
 def test_xla_cost_reads_dict_and_list_forms():

@@ -222,3 +222,73 @@ def test_extend_at_a_read_position_equals_the_extension_there(n_layers):
     return (cost[0] if isinstance(cost, list) else cost)["flops"]
 
   assert flops("extend_at") < flops("extend")
+
+
+def _full_logps(model, prompt, resp, mask, length_normalize):
+  tokens = jnp.concatenate([prompt, resp], axis=1)
+  full_mask = jnp.concatenate([jnp.zeros(prompt.shape, mask.dtype), mask], axis=1)
+  return gm.response_logprobs(model, tokens, full_mask, length_normalize=length_normalize)
+
+
+@pytest.mark.parametrize("n_resp,t,length_normalize", [(1, 4, False), (2, 4, False),
+                                                       (3, 3, True), (2, 1, False)])
+def test_prompt_response_logprobs_equal_each_sequence_run_whole(lm, n_resp, t, length_normalize):
+  """The shared-prompt path equals running ``prompt + response`` as one sequence per response
+  (prompts with PAD inside, responses of varied masks, one-token responses), gradients too."""
+  rng = np.random.default_rng(n_resp * 10 + t)
+  b, p = 4, 4
+  prompt = jnp.asarray(rng.integers(0, CFG.vocab_size, (b, p)), jnp.int32).at[0, 1:3].set(0)
+  resps = [jnp.asarray(rng.integers(3, CFG.vocab_size, (b, t)), jnp.int32) for _ in range(n_resp)]
+  masks = [jnp.asarray(np.arange(t)[None] < rng.integers(1, t + 1, (b, 1)), jnp.float32)
+           for _ in range(n_resp)]
+  gd, st = nnx.split(lm)
+
+  def shared(s):
+    return gm.prompt_response_logprobs(nnx.merge(gd, s), prompt, resps, masks, length_normalize)
+
+  def whole(s):
+    return tuple(_full_logps(nnx.merge(gd, s), prompt, r, m, length_normalize)
+                 for r, m in zip(resps, masks))
+
+  got, want = jax.jit(shared)(st), jax.jit(whole)(st)
+  assert len(got) == n_resp and all(g.shape == (b,) for g in got)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
+  # Gradients of a weighted sum (each response batch its own weight) agree leaf by leaf.
+  weigh = lambda outs: sum((i + 1.0) * jnp.sum(o) for i, o in enumerate(outs))  # noqa: E731
+  g_shared = jax.jit(jax.grad(lambda s: weigh(shared(s))))(st)
+  g_whole = jax.jit(jax.grad(lambda s: weigh(whole(s))))(st)
+  for a, w in zip(jax.tree.leaves(g_shared), jax.tree.leaves(g_whole)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(w), rtol=1e-4, atol=1e-5)
+
+
+def test_prompt_response_logprobs_run_the_prompt_once():
+  """XLA's FLOP count: a chosen/rejected pair through the shared prompt costs what
+  ``B·P + 2B·(T − 1)`` positions cost, not the ``2B·(P + T − 1)`` of two whole sequences."""
+  cfg = gm.TransformerConfig(vocab_size=16, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_len=32)
+  model = gm.Transformer(cfg, rngs=nnx.Rngs(1))
+  gd, st = nnx.split(model)
+  b, p, t = 8, 12, 8
+  prompt = jnp.ones((b, p), jnp.int32)
+  resp, mask = jnp.full((b, t), 5, jnp.int32), jnp.ones((b, t), jnp.float32)
+
+  def flops(fn):
+    cost = jax.jit(fn).lower(st, prompt, resp, resp + 1, mask).compile().cost_analysis()
+    return (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
+
+  shared = flops(lambda s, pr, r1, r2, m: gm.prompt_response_logprobs(
+      nnx.merge(gd, s), pr, (r1, r2), (m, m)))
+  # The former path: chosen and rejected each run whole, in one batch.
+  whole = flops(lambda s, pr, r1, r2, m: _full_logps(
+      nnx.merge(gd, s), jnp.concatenate([pr, pr]), jnp.concatenate([r1, r2]),
+      jnp.concatenate([m, m]), False))
+  ratio = shared / whole
+  want = (p + 2 * (t - 1)) / (2 * (p + t - 1))
+  assert ratio < 0.85, (shared, whole)
+  assert ratio == pytest.approx(want, rel=0.12), (ratio, want)
+
+
+def test_prompt_response_logprobs_needs_a_mask_per_response(lm):
+  prompt = _tokens(0, n=3)
+  with pytest.raises(ValueError, match="as many masks as responses"):
+    gm.prompt_response_logprobs(lm, prompt, (prompt, prompt), (jnp.ones(prompt.shape),))

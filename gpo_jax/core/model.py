@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -442,6 +443,51 @@ def response_logprobs(
   logits_BxLxV = model(tokens_BxL[:, :-1])
   logp_BxT = lp.token_logprobs(logits_BxLxV, tokens_BxL[:, 1:])
   return lp.sequence_logprobs(logp_BxT, response_mask_BxL[:, 1:], length_normalize)
+
+
+def prompt_response_logprobs(
+    model: Transformer, prompt_BxP: Array, responses: Sequence[Array], masks: Sequence[Array],
+    length_normalize: bool = False,
+) -> tuple[Array, ...]:
+  """:func:`response_logprobs` of ``prompt + r`` for each response batch ``r`` in
+  ``responses`` (``[B, T]`` each, one ``T``), with the prompt run once for all of them.
+
+  The prompt's keys and values are computed once and every response attends to them
+  (:meth:`Decoder.extend`); the logits at the prompt's last position predict each
+  response's first token. Equal to ``response_logprobs(model, concat([prompt, r]),
+  concat([0, mask]))`` up to float rounding, and differentiable like it (the prompt's
+  gradient collects every response's). For a chosen/rejected pair this skips ``P / (P + T)``
+  of the second forward: at the ``small`` lab's ``P = 8, T = 12``, ~22 % of a train step's
+  FLOPs (tests/test_model.py checks the equality and XLA's count).
+
+  Args:
+    model: a ``Transformer``.
+    prompt_BxP: ``[BOS] + context + [SEP]`` (the same prompt for every response batch).
+    responses: ``N`` token arrays ``[B, T]``.
+    masks: their response masks ``[B, T]`` (1 up to and including EOS).
+    length_normalize: per-token mean instead of the sum.
+
+  Returns:
+    ``N`` float32 arrays ``[B]``, in the order of ``responses``.
+  """
+  n = len(responses)
+  if n < 1 or len(masks) != n:
+    raise ValueError(f"need as many masks as responses (at least one), got {n} responses "
+                     f"and {len(masks)} masks.")
+  dec = model.decoder
+  h_BxPxD, prefix = dec(dec.embed(prompt_BxP))
+  rep = lambda x: jnp.concatenate([x] * n, axis=0) if n > 1 else x  # noqa: E731
+  first_NBx1xV = rep(model._logits(h_BxPxD[:, -1:]))
+  resp_NBxT = jnp.concatenate(responses, axis=0) if n > 1 else responses[0]
+  mask_NBxT = jnp.concatenate(masks, axis=0) if n > 1 else masks[0]
+  if resp_NBxT.shape[1] > 1:
+    rest_NBxTm1xV = model._logits(dec.extend(resp_NBxT[:, :-1], jax.tree.map(rep, prefix)))
+    logits_NBxTxV = jnp.concatenate([first_NBx1xV, rest_NBxTm1xV], axis=1)
+  else:
+    logits_NBxTxV = first_NBx1xV
+  logp_NB = lp.sequence_logprobs(lp.token_logprobs(logits_NBxTxV, resp_NBxT), mask_NBxT,
+                                 length_normalize)
+  return tuple(jnp.split(logp_NB, n)) if n > 1 else (logp_NB,)
 
 
 def param_count(model_or_state: Any) -> int:

@@ -32,27 +32,33 @@ def pair_arrays(pairs: Mapping[str, np.ndarray],
 
 
 def pair_logps(model, prompt_BxP, resp_BxT, mask_BxT, length_normalize: bool) -> Array:
-  """Policy sequence log-probs of responses given prompts (response tokens only)."""
+  """Policy sequence log-probs of responses given prompts (response tokens only), each
+  ``prompt + response`` run as one sequence (the reference the shared-prompt path,
+  :func:`chosen_rejected_logps`, is tested against)."""
   tokens = jnp.concatenate([prompt_BxP, resp_BxT], axis=1)
   mask = jnp.concatenate([jnp.zeros_like(prompt_BxP, dtype=mask_BxT.dtype), mask_BxT], axis=1)
   return model_lib.response_logprobs(model, tokens, mask, length_normalize=length_normalize)
 
 
+def chosen_rejected_logps(model, batch: Mapping[str, Array],
+                          length_normalize: bool) -> tuple[Array, Array]:
+  """Policy log-probs of a batch's chosen and rejected responses, ``[B]`` each, in one
+  forward that runs each prompt once (:func:`gpo_jax.core.model.prompt_response_logprobs`)."""
+  return model_lib.prompt_response_logprobs(
+      model, batch["prompt"], (batch["chosen"], batch["rejected"]),
+      (batch["chosen_mask"], batch["rejected_mask"]), length_normalize)
+
+
 def pair_logratios(model, batch: Mapping[str, Array],
                    length_normalize: bool) -> tuple[Array, Array]:
-  """``log π − log π_ref`` of chosen and rejected, both through one forward of ``model``.
+  """``log π − log π_ref`` of chosen and rejected, both through one forward of ``model``
+  that runs each prompt once (:func:`chosen_rejected_logps`).
 
   The reference log-probs are the dataset's (``ref_chosen_logps``, ``ref_rejected_logps``),
   so training never runs π_ref.
   """
-  b = batch["chosen"].shape[0]
-  logp = pair_logps(
-      model,
-      jnp.concatenate([batch["prompt"], batch["prompt"]]),
-      jnp.concatenate([batch["chosen"], batch["rejected"]]),
-      jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]]),
-      length_normalize)
-  return logp[:b] - batch["ref_chosen_logps"], logp[b:] - batch["ref_rejected_logps"]
+  logp_w, logp_l = chosen_rejected_logps(model, batch, length_normalize)
+  return logp_w - batch["ref_chosen_logps"], logp_l - batch["ref_rejected_logps"]
 
 
 def pair_scores(reward_model, batch: Mapping[str, Array]) -> tuple[Array, Array]:

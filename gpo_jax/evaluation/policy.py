@@ -653,17 +653,14 @@ class Evaluator:
     m = jax.tree.leaves(params_M)[0].shape[0]
     c = min(self.ecfg.member_chunk, m)
     n_chunks = -(-m // c)
-    ctx, resp, mask = self._on_data((
-        jnp.concatenate([test["prompt"], test["prompt"]]),
-        jnp.concatenate([test["chosen"], test["rejected"]]),
-        jnp.concatenate([test["chosen_mask"], test["rejected_mask"]])))
+    names = ("prompt", "chosen", "rejected", "chosen_mask", "rejected_mask")
+    pairs = dict(zip(names, self._on_data(tuple(test[k] for k in names))))
 
     def chunk(p_CxP):
       p_CxP = self._weights(p_CxP, lead=1)
       rows = jax.tree.map(lambda r, x: jnp.concatenate([r[None], x]), ref_params, p_CxP)
-      logp = jax.vmap(lambda st: sequences.pair_logps(
-          nnx.merge(self.graphdef, st, self.rest), ctx, resp, mask,
-          self.length_normalize))(rows)
+      logp = jax.vmap(lambda st: jnp.concatenate(sequences.chosen_rejected_logps(
+          nnx.merge(self.graphdef, st, self.rest), pairs, self.length_normalize)))(rows)
       return logp[1:] - logp[0]
 
     # Pad the member axis with copies of π_ref up to whole chunks; their rows are dropped.
