@@ -13,7 +13,6 @@ later ones take ~6 s; the tiny lab comes from ``tests/lab_fixture.py`` and is no
 """
 
 import dataclasses
-import io
 import json
 import os
 import signal
@@ -29,6 +28,7 @@ import pytest
 
 import lab_fixture
 from gpo_jax.run import loop
+from gpo_jax.runtime import writers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "configs/tiny_sweep.py"
@@ -273,23 +273,31 @@ def test_sigkill_past_a_checkpoint_then_rerun_matches_uninterrupted(cli, referen
 
 def test_manifest_survives_a_kill_while_it_is_rewritten(tmp_path, monkeypatch):
   """A rerun rewrites manifest.json and later reruns parse it: a kill mid-write (simulated by
-  a json.dump that dies halfway) must leave the previous manifest intact, not a torn one."""
+  a file write that dies halfway) must leave the previous manifest intact, not a torn one."""
   lab = types.SimpleNamespace(path=str(tmp_path / "lab"), cfg=types.SimpleNamespace(
       config_hash=lambda: "0123456789ab", name="tiny"))
   args = (lab, types.SimpleNamespace(shape={"sweep": 1}), types.SimpleNamespace(size=4))
   loop.write_manifest(str(tmp_path), *args, 0, STEPS, 1.0, "best")
   with open(tmp_path / "manifest.json") as f:
     before = f.read()
-  real_dump = json.dump
+  real_open = open
 
-  def dying_dump(obj, fp, **kw):
-    buf = io.StringIO()
-    real_dump(obj, buf, **kw)
-    fp.write(buf.getvalue()[:len(buf.getvalue()) // 2])
-    fp.flush()
-    raise KeyboardInterrupt("simulated SIGKILL in the middle of the manifest write")
+  class DyingFile:
+    """A file whose write stores half the text, then the process 'dies'."""
+    def __init__(self, *a, **kw):
+      self.f = real_open(*a, **kw)
+    def __enter__(self):
+      return self
+    def __exit__(self, *exc):
+      self.f.close()
+    def write(self, text):
+      self.f.write(text[:len(text) // 2])
+      self.f.flush()
+      raise KeyboardInterrupt("simulated SIGKILL in the middle of the manifest write")
 
-  monkeypatch.setattr(loop.json, "dump", dying_dump)
+  # Whatever writes the manifest (gpo_jax.runtime.writers.save_json_atomic), the file it
+  # opens dies halfway through the write.
+  monkeypatch.setattr(writers, "open", DyingFile, raising=False)
   with pytest.raises(KeyboardInterrupt):
     loop.write_manifest(str(tmp_path), *args, STEPS, STEPS, 2.0, "best")
   monkeypatch.undo()
