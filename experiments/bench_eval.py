@@ -48,12 +48,14 @@ Run (the ``small`` lab is built on first use, ~2 min)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import statistics
 import sys
 import time
+from unittest import mock
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "experiments"))
@@ -140,6 +142,7 @@ def main(argv=None) -> int:
   from gpo_jax import lab as lab_lib
   from gpo_jax.engine import program
   from gpo_jax.run import loop
+  from gpo_jax.core import sequences
 
   load0 = bench_sweep.load_avg()
   t0 = time.time()
@@ -173,6 +176,12 @@ def main(argv=None) -> int:
       evals[name] = e
     steps["step_forward_options"] = program.jit_train_step(
         s.train_step, s.state_shardings, s.mesh, compiler_options=options["forward"])
+    # The former train step: chosen and rejected each run whole (prompt included), traced
+    # with that path swapped in (the jitted step keeps what it traced on its first call). A
+    # function of its own: jit would otherwise reuse the step's trace of the same function.
+    steps["step_whole_sequences"] = program.jit_train_step(
+        lambda *a: s.train_step(*a), s.state_shardings, s.mesh,
+        compiler_options=options["train"])
   states = {name: state if name == "step" else
             jax.jit(s.init_fn, out_shardings=s.state_shardings)(s.params) for name in steps}
 
@@ -187,7 +196,9 @@ def main(argv=None) -> int:
     compile_s[name] = time.perf_counter() - t
   for name, fn in steps.items():
     t = time.perf_counter()
-    states[name], _ = fn(states[name], s.hparams, s.data)
+    with (mock.patch.object(sequences, "chosen_rejected_logps", sequences.whole_sequence_logps)
+          if name == "step_whole_sequences" else contextlib.nullcontext()):
+      states[name], _ = fn(states[name], s.hparams, s.data)
     jax.block_until_ready(states[name])
     compile_s[name] = time.perf_counter() - t
 
@@ -221,6 +232,11 @@ def main(argv=None) -> int:
                                   .compile())["flops"])
   cs = float(bench_sweep.xla_cost(
       s.step_fn.lower(state, s.hparams, s.data).compile())["flops"])
+  cs_whole = None
+  if "step_whole_sequences" in steps:
+    with mock.patch.object(sequences, "chosen_rejected_logps", sequences.whole_sequence_logps):
+      cs_whole = float(bench_sweep.xla_cost(steps["step_whole_sequences"].lower(
+          state, s.hparams, s.data).compile())["flops"])
   te, to, ts = statistics.median(t_eval), statistics.median(t_old), statistics.median(t_step)
   share = lambda t_e: n_evals * t_e / (n_evals * t_e + steps_total * ts)  # noqa: E731
   res = {
@@ -238,7 +254,8 @@ def main(argv=None) -> int:
                           "compile_s": compile_s[name],
                           "max_abs_diff": agree.get(name)}
                    for name in times if name not in ("eval", "eval_two_pass", "step")},
-      "xla_flops_eval": ce, "xla_flops_step": cs, "analytic": an,
+      "xla_flops_eval": ce, "xla_flops_step": cs, "xla_flops_step_whole": cs_whole,
+      "analytic": an,
       "gflops_eval": an["eval_total"] / te / 1e9, "gflops_step": an["step"] / ts / 1e9,
       "machine": bench_sweep.machine_info(), "load_before": load0,
       "load_after": bench_sweep.load_avg(), "wall_s": time.time() - t0,
@@ -264,6 +281,7 @@ _VARIANTS = {
     "eval_jax_default": "one evaluation, JAX's default compiler options (the evaluator before)",
     "eval_train_options": "one evaluation, the train step's compiler options",
     "step_forward_options": "train step, the forward programs' compiler options",
+    "step_whole_sequences": "train step, chosen and rejected each run whole (the former path)",
 }
 
 
@@ -319,6 +337,13 @@ def render(r: dict) -> str:
       parts.append(f"the train step with its own options is {step_fwd / r['t_step_s']:.2f}× "
                    f"faster than with the forward programs' options")
     lines.append(f"- Compiler options ({r.get('options')}), same run: " + "; ".join(parts) + ".")
+    whole = variants.get("step_whole_sequences", {}).get("median_s")
+    if whole:
+      lines.append(
+          f"- Each prompt run once per pair (`model.prompt_response_logprobs`), same run: the "
+          f"train step is **{whole / r['t_step_s']:.2f}×** faster than with chosen and rejected "
+          f"each run whole (XLA FLOPs {_g(r['xla_flops_step'])} G vs "
+          f"{_g(r['xla_flops_step_whole'])} G per step).")
   lines += [
       f"- XLA FLOPs (loop bodies counted once): evaluation {_g(r['xla_flops_eval'])} G, "
       f"train step {_g(r['xla_flops_step'])} G.", "",

@@ -96,3 +96,15 @@ def test_gold_response_flops_match_xla():
   want = b * bench_eval.gold_response_flops(CFG, c, t)
   # XLA counts the full causal score matrix of the first blocks (no causal halving)
   assert 0.95 <= xla / want <= 1.25, (xla, want)
+
+
+def test_report_gives_the_shared_prompt_step_against_whole_sequences():
+  r = _result(0.3)
+  r["options"] = {}
+  r["xla_flops_step_whole"] = 1.3e9
+  r["variants"] = {"step_whole_sequences": {"median_s": 1.2, "all": [1.2, 1.3], "compile_s": 1.0,
+                                            "max_abs_diff": None}}
+  md = bench_eval.render(r)
+  assert ("| train step, chosen and rejected each run whole (the former path) | 1.200 | "
+          "1.200, 1.300 | 1.0 |") in md
+  assert "train step is **1.20×** faster" in md and "1.0 G vs 1.3 G per step" in md

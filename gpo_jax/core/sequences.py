@@ -49,6 +49,19 @@ def chosen_rejected_logps(model, batch: Mapping[str, Array],
       (batch["chosen_mask"], batch["rejected_mask"]), length_normalize)
 
 
+def whole_sequence_logps(model, batch: Mapping[str, Array],
+                         length_normalize: bool) -> tuple[Array, Array]:
+  """:func:`chosen_rejected_logps` the former way: ``prompt + chosen`` and ``prompt +
+  rejected`` each run whole, in one batch (the reference the shared-prompt path is
+  compared with, in tests/test_model.py and experiments/bench_eval.py)."""
+  b = batch["chosen"].shape[0]
+  logp = pair_logps(
+      model, jnp.concatenate([batch["prompt"], batch["prompt"]]),
+      jnp.concatenate([batch["chosen"], batch["rejected"]]),
+      jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]]), length_normalize)
+  return logp[:b], logp[b:]
+
+
 def pair_logratios(model, batch: Mapping[str, Array],
                    length_normalize: bool) -> tuple[Array, Array]:
   """``log π − log π_ref`` of chosen and rejected, both through one forward of ``model``
