@@ -475,19 +475,24 @@ def prompt_response_logprobs(
     raise ValueError(f"need as many masks as responses (at least one), got {n} responses "
                      f"and {len(masks)} masks.")
   dec = model.decoder
+  b = prompt_BxP.shape[0]
   h_BxPxD, prefix = dec(dec.embed(prompt_BxP))
-  rep = lambda x: jnp.concatenate([x] * n, axis=0) if n > 1 else x  # noqa: E731
-  first_NBx1xV = rep(model._logits(h_BxPxD[:, -1:]))
-  resp_NBxT = jnp.concatenate(responses, axis=0) if n > 1 else responses[0]
-  mask_NBxT = jnp.concatenate(masks, axis=0) if n > 1 else masks[0]
-  if resp_NBxT.shape[1] > 1:
-    rest_NBxTm1xV = model._logits(dec.extend(resp_NBxT[:, :-1], jax.tree.map(rep, prefix)))
-    logits_NBxTxV = jnp.concatenate([first_NBx1xV, rest_NBxTm1xV], axis=1)
+  # Rows are prompt-major (row b·N + i: response i to prompt b), so a batch sharded over
+  # devices stays where it is: repeating the prompt's states and merging [B, N] -> [B·N]
+  # move nothing between devices (concatenating the N batches would, as XLA found on a
+  # data-sharded mesh: experiments/POD_PLAN.md).
+  rep = lambda x: jnp.repeat(x, n, axis=0) if n > 1 else x  # noqa: E731
+  merge = lambda xs: jnp.stack(xs, axis=1).reshape((b * n,) + xs[0].shape[1:])  # noqa: E731
+  first_BNx1xV = rep(model._logits(h_BxPxD[:, -1:]))
+  resp_BNxT, mask_BNxT = merge(responses), merge(masks)
+  if resp_BNxT.shape[1] > 1:
+    rest_BNxTm1xV = model._logits(dec.extend(resp_BNxT[:, :-1], jax.tree.map(rep, prefix)))
+    logits_BNxTxV = jnp.concatenate([first_BNx1xV, rest_BNxTm1xV], axis=1)
   else:
-    logits_NBxTxV = first_NBx1xV
-  logp_NB = lp.sequence_logprobs(lp.token_logprobs(logits_NBxTxV, resp_NBxT), mask_NBxT,
-                                 length_normalize)
-  return tuple(jnp.split(logp_NB, n)) if n > 1 else (logp_NB,)
+    logits_BNxTxV = first_BNx1xV
+  logp_BxN = lp.sequence_logprobs(lp.token_logprobs(logits_BNxTxV, resp_BNxT), mask_BNxT,
+                                  length_normalize).reshape(b, n)
+  return tuple(logp_BxN[:, i] for i in range(n))
 
 
 def param_count(model_or_state: Any) -> int:
