@@ -167,3 +167,29 @@ def test_save_json_atomic_replaces_whole_files_and_keeps_the_old_one_on_failure(
     writers.save_json_atomic(path, {"a": object()})   # not serialisable: nothing is written
   assert json.loads(path.read_text()) == {"a": 2}
   assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"]
+
+
+def test_atomic_writes_leave_no_temporary_file_when_they_fail(tmp_path, monkeypatch):
+  """A write that fails mid-way (the disk, a rename onto a directory) raises, keeps the old
+  file, and removes its temporary file; a killed writer's leftover is reused, not piled up."""
+  path = tmp_path / "per_prompt.npz"
+  writers.save_npz_atomic(path, {"x": np.arange(3)})
+  real_savez = np.savez
+
+  def dies(f, **arrays):
+    real_savez(f, **arrays)
+    raise OSError("disk full")
+
+  monkeypatch.setattr(writers.np, "savez", dies)
+  with pytest.raises(OSError, match="disk full"):
+    writers.save_npz_atomic(path, {"x": np.arange(5)})
+  monkeypatch.undo()
+  np.testing.assert_array_equal(np.load(path)["x"], np.arange(3))
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["per_prompt.npz"]
+  (tmp_path / "dir.json").mkdir()
+  with pytest.raises(OSError):
+    writers.save_json_atomic(tmp_path / "dir.json", {"a": 1})
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.json", "per_prompt.npz"]
+  (tmp_path / "m.json.tmp").write_text("torn")        # a killed writer's leftover
+  writers.save_json_atomic(tmp_path / "m.json", {"a": 1})
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.json", "m.json", "per_prompt.npz"]

@@ -94,6 +94,7 @@ from gpo_jax.core import sampling
 from gpo_jax.evaluation import bon as bon_lib
 from gpo_jax.incontext import retrieval as retrieval_lib
 from gpo_jax.lab import steps
+from gpo_jax.runtime import writers
 
 Array = jax.Array
 
@@ -593,11 +594,8 @@ def save(result: ICDPOResult, out_dir: str) -> str:
   os.makedirs(out_dir, exist_ok=True)
 
   def put(name, write):
-    path = os.path.join(out_dir, name)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb" if name.endswith(".npz") else "w") as f:
-      write(f)
-    os.replace(tmp, path)
+    writers.write_aside(os.path.join(out_dir, name), "wb" if name.endswith(".npz") else "w",
+                        write)
 
   lines = lambda rows: "".join(json.dumps(r, default=_jsonable) + "\n" for r in rows)  # noqa: E731
   put(ROWS_FILE, lambda f: f.write(lines(result.rows)))

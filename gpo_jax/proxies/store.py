@@ -36,7 +36,7 @@ from flax import serialization
 
 from gpo_jax.core import model as model_lib
 from gpo_jax.core import sequences
-from gpo_jax.runtime import distributed
+from gpo_jax.runtime import distributed, writers
 
 SCHEMA = 1
 DIRNAME = "proxies"
@@ -134,10 +134,7 @@ def _sha256(path: str) -> str:
 
 
 def _write_atomic(path: str, data: bytes) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
+  writers.write_aside(path, "wb", lambda f: f.write(data))
 
 
 def _normalisers(graphdef, rest, params_P, pairs, chunk: int = 512, *, kind="reward_model",

@@ -337,10 +337,7 @@ def write_artifact(path: str, payload) -> None:
   if not path.endswith(".npz"):
     writers_lib.save_json_atomic(path, payload, indent=1)
     return
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "wb") as f:
-    np.savez_compressed(f, **payload)
-  os.replace(tmp, path)
+  writers_lib.write_aside(path, "wb", lambda f: np.savez_compressed(f, **payload))
 
 
 #: evaluator results under these prefixes are per-prompt or per-sample arrays ([M, ...]),

@@ -16,6 +16,7 @@ warning says so. Only process 0 writes. JSON follows Python's convention for non
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import numbers
@@ -58,27 +59,38 @@ def _process_index() -> int:
     return 0
 
 
+def write_aside(path: str | os.PathLike, mode: str, write, **open_kwargs) -> str:
+  """``write(f)`` into ``<path>.tmp``, flushed to disk, then ``os.replace`` onto ``path``: a
+  crash (process or machine) leaves the old file or the new one, never a torn one. On an
+  error the temporary file is removed and the error raised; a killed process's leftover
+  ``.tmp`` is overwritten by the next write of that path. Returns the path."""
+  path = os.fspath(path)
+  tmp = f"{path}.tmp"
+  try:
+    with open(tmp, mode, **open_kwargs) as f:
+      write(f)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise
+  return path
+
+
 def save_npz_atomic(path: str | os.PathLike, arrays: Mapping[str, Any]) -> str:
   """``np.savez`` of ``arrays`` to ``path`` through a temporary file and ``os.replace``, so a
   crash leaves the old file or the new one, never a torn one. Returns the path."""
-  path = os.fspath(path)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "wb") as f:
-    np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
-  os.replace(tmp, path)
-  return path
+  arrays = {k: np.asarray(v) for k, v in arrays.items()}
+  return write_aside(os.fspath(path), "wb", lambda f: np.savez(f, **arrays))
 
 
 def save_text_atomic(path: str | os.PathLike, text: str) -> str:
   """Writes ``text`` (UTF-8) to ``path`` through a temporary file and ``os.replace``: a crash
   leaves the old file or the new one, never a torn one (which a rerun would fail to parse).
   Returns the path."""
-  path = os.fspath(path)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(tmp, path)
-  return path
+  return write_aside(os.fspath(path), "w", lambda f: f.write(text), encoding="utf-8")
 
 
 def save_json_atomic(path: str | os.PathLike, obj: Any, **dump_kwargs) -> str:
