@@ -34,11 +34,14 @@ Analytic FLOPs of one evaluation, per member (``E`` prompts × ``n`` samples, co
 ``2·(E·C + E·n·T)·F(π)`` (each prompt prefilled once for its ``n`` samples); gold over the
 responses ``E·n·G(gold)`` (``gold_response_flops``: the last block only at the read
 position; the contexts' ``E·C·F(gold)`` once per run, not counted); offline diagnostics
-``(1 + 1/chunk)·P·(C + 2·T)·F(π)`` on ``P`` test pairs (each prompt once, both responses
-after it: ``model.prompt_response_logprobs``). The two-pass path: sampling ``E·n·L·F(π)``,
+``(1 + 1/chunk)·P·pair`` on ``P`` test pairs (each prompt once, both responses after it:
+``model.prompt_response_logprobs``; ``pair`` below). The two-pass path: sampling ``E·n·L·F(π)``,
 policy and π_ref forward ``2·E·n·L·F(π)``, gold ``E·n·L·F(gold)``, the same offline
-diagnostics. The train step per member: ``3 · B·(C + 2·T)·F(π)`` (forward and backward of
-``B`` pairs, each prompt once; π_ref's log-probs are read from the data).
+diagnostics. The train step per member: ``3 · B · pair`` (forward and backward of ``B``
+pairs, each prompt once; π_ref's log-probs are read from the data), with ``pair`` the
+forward FLOPs of one pair as ``bench_sweep.step_analytic_flops`` counts them: ``C``
+prompt positions attending ``C`` keys, then ``2·(T − 1)`` response positions attending
+``C + T − 1``.
 
 Run (the ``small`` lab is built on first use, ~2 min)::
 
@@ -104,7 +107,10 @@ def analytic(config, lab, m: int) -> dict:
   f_gold = gold_flops_per_token(gc, length // 2)
   p = min(config.eval.n_test_pairs or 10**9, len(lab.pairs("test")["chosen"]))
   chunk = min(config.eval.member_chunk, m)
-  offline = (1 + 1 / chunk) * p * (c + 2 * t) * f_pi
+  # Each prompt once, both responses' T - 1 positions after it (bench_sweep's count, the
+  # same as bench_accel's): a forward is a third of the train step's forward + backward.
+  pair_fwd = bench_sweep.step_analytic_flops(pc, 1, c, t) / 3
+  offline = (1 + 1 / chunk) * p * pair_fwd
   parts = {"π and π_ref sampled side by side": 2 * (e * c + e * n * t) * f_pi,
            "gold (response positions)": e * n * gold_response_flops(gc, c, t),
            "offline diagnostics": offline}
@@ -113,7 +119,7 @@ def analytic(config, lab, m: int) -> dict:
               "gold": e * n * length * f_gold, "offline diagnostics": offline}
   per_eval = {k: m * v for k, v in parts.items()}
   per_eval_two = {k: m * v for k, v in two_pass.items()}
-  step = m * 3 * config.train.batch_size * (c + 2 * t) * f_pi
+  step = m * 3 * config.train.batch_size * pair_fwd
   return {"eval_parts": per_eval, "eval_total": sum(per_eval.values()), "step": step,
           "eval_parts_two_pass": per_eval_two,
           "eval_total_two_pass": sum(per_eval_two.values())}

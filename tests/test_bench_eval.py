@@ -108,3 +108,34 @@ def test_report_gives_the_shared_prompt_step_against_whole_sequences():
   assert ("| train step, chosen and rejected each run whole (the former path) | 1.200 | "
           "1.200, 1.300 | 1.0 |") in md
   assert "train step is **1.20×** faster" in md and "1.0 G vs 1.3 G per step" in md
+
+
+def test_analytic_step_and_offline_count_the_program_that_runs():
+  """The train step and the offline diagnostics are counted as the shared-prompt program
+  runs them (``C`` prompt positions, ``2·(T − 1)`` response positions): the same count as
+  ``bench_accel.step_flops``, which tests/test_bench_accel.py ties to XLA's."""
+  import importlib.util
+  import types
+
+  import numpy as np
+
+  import bench_accel
+  from gpo_jax.lab.config import LabConfig
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  spec = importlib.util.spec_from_file_location("cfg_cpu_sweep",
+                                                os.path.join(repo, "configs", "cpu_sweep.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  config = mod.get_config("small")
+  lc = LabConfig.from_dict(config.lab)
+  c, t, p = 8, int(lc.corpus.response_len), 40
+  lab = types.SimpleNamespace(eval_prompts=np.zeros((64, c), np.int32),
+                              pairs=lambda split: {"chosen": np.zeros((p, t), np.int32)})
+  m = 6
+  an = bench_eval.analytic(config, lab, m)
+  b = config.train.batch_size
+  want_step = bench_accel.step_flops(lc.policy_config, b, c, t)["total"]
+  assert an["step"] == pytest.approx(m * want_step, rel=1e-9)
+  chunk = min(config.eval.member_chunk, m)
+  want_offline = (1 + 1 / chunk) * bench_accel.step_flops(lc.policy_config, p, c, t)["policy_fwd"]
+  assert an["eval_parts"]["offline diagnostics"] == pytest.approx(m * want_offline, rel=1e-9)
