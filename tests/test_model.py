@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from gpo_jax.core import logprobs as lp
 from gpo_jax.core import model as gm
 
 # Square weight shapes keep the number of distinct XLA compilations (the main test cost) small.
@@ -286,6 +287,38 @@ def test_prompt_response_logprobs_run_the_prompt_once():
   want = (p + 2 * (t - 1)) / (2 * (p + t - 1))
   assert ratio < 0.85, (shared, whole)
   assert ratio == pytest.approx(want, rel=0.12), (ratio, want)
+
+
+@pytest.mark.parametrize("n,t", [(1, 4), (4, 3), (3, 1)])
+def test_grouped_token_logprobs_equal_each_repeated_sequence(lm, n, t):
+  """``N`` responses per prompt as one ``[B, N, T]`` array: per-token log-probs equal the
+  response part of running ``prompt + response`` whole with the prompt repeated (PAD inside
+  a prompt too), and the grouped sums equal ``response_logprobs``."""
+  rng = np.random.default_rng(7 * n + t)
+  b, p = 3, 4
+  prompt = jnp.asarray(rng.integers(0, CFG.vocab_size, (b, p)), jnp.int32).at[1, 1:3].set(0)
+  resp = jnp.asarray(rng.integers(3, CFG.vocab_size, (b, n, t)), jnp.int32)
+  mask = jnp.asarray(np.arange(t) < rng.integers(1, t + 1, (b, n, 1)), jnp.float32)
+  got = gm.grouped_token_logprobs(lm, prompt, resp)
+  assert got.shape == (b, n, t)
+  tokens = jnp.concatenate([jnp.repeat(prompt, n, axis=0), resp.reshape(b * n, t)], axis=1)
+  want = lp.token_logprobs(lm(tokens[:, :-1]), tokens[:, 1:])[:, p - 1:].reshape(b, n, t)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+  sums = gm.grouped_response_logprobs(lm, prompt, resp, mask)
+  whole = _full_logps(lm, jnp.repeat(prompt, n, axis=0), resp.reshape(b * n, t),
+                      mask.reshape(b * n, t), False).reshape(b, n)
+  np.testing.assert_allclose(np.asarray(sums), np.asarray(whole), rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_logprobs_name_bad_shapes(lm):
+  prompt = _tokens(0, n=3)
+  resp = jnp.ones((prompt.shape[0], 2, 4), jnp.int32)
+  with pytest.raises(ValueError, match=r"must be \[B, P\] and \[B, N, T\]"):
+    gm.grouped_token_logprobs(lm, prompt, resp[:, 0])
+  with pytest.raises(ValueError, match=r"must be \[B, P\] and \[B, N, T\]"):
+    gm.grouped_token_logprobs(lm, prompt[:1], resp)
+  with pytest.raises(ValueError, match="one shape"):
+    gm.grouped_response_logprobs(lm, prompt, resp, jnp.ones(resp.shape[:2]))
 
 
 def test_prompt_response_logprobs_needs_a_mask_per_response(lm):

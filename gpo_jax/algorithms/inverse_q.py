@@ -45,7 +45,7 @@ import numpy as np
 from flax import nnx
 
 from gpo_jax.algorithms.base import SHARED, Algorithm
-from gpo_jax.core import logprobs
+from gpo_jax.core import model as model_lib
 from gpo_jax.core import sampling
 from gpo_jax.engine import members as members_lib
 from gpo_jax.engine.members import Members
@@ -105,11 +105,18 @@ def token_rewards(lp_star_BxT, lp_ref_BxT, lp_BxT, mask_BxT, beta, kl_coef):
   return r * mask_BxT
 
 
-def response_token_logprobs(model, context_BxC, resp_BxT, mask_BxT):
-  """Per-token ``log model(y_t | context, y_<t)`` of the response, ``[B, T]`` (0 off the mask)."""
-  tokens = jnp.concatenate([context_BxC, resp_BxT], axis=1)
-  logits = model(tokens[:, :-1])[:, context_BxC.shape[1] - 1:]
-  return logprobs.token_logprobs(logits, resp_BxT) * mask_BxT
+def response_token_logprobs(model, context_BxC, resp_BrxT, mask_BrxT, repeats: int = 1):
+  """Per-token ``log model(y_t | context, y_<t)`` of the responses, ``[B·repeats, T]`` (0 off
+  the mask). Rows ``b·repeats … b·repeats + repeats − 1`` answer context ``b`` (context-major,
+  as ``sampling.sample(..., repeats=repeats)`` returns them); each context runs once
+  (``model.grouped_token_logprobs``)."""
+  b = context_BxC.shape[0]
+  if resp_BrxT.shape[0] != b * repeats:
+    raise ValueError(f"{resp_BrxT.shape[0]} response rows for {b} contexts × repeats="
+                     f"{repeats}; need {b * repeats}.")
+  lp = model_lib.grouped_token_logprobs(model, context_BxC,
+                                        resp_BrxT.reshape(b, repeats, -1))
+  return lp.reshape(resp_BrxT.shape) * mask_BrxT
 
 
 def member_loss_fn(graphdef, rest, *, k: int, response_len: int):
@@ -121,16 +128,17 @@ def member_loss_fn(graphdef, rest, *, k: int, response_len: int):
 
   def loss_fn(params, batch, hp, key):
     ref = nnx.merge(graphdef, batch[SHARED]["ref"], rest)
-    b, c = batch["prompt"].shape
-    ctx = jnp.repeat(batch["prompt"], k, axis=0)                                  # [B*k, C]
-    guide = jnp.repeat(batch["guide"][:, hp["guidance_idx"]], k, axis=0)          # [B*k, Cg]
+    b = batch["prompt"].shape[0]
+    ctx = batch["prompt"]                                                         # [B, C]
+    guide = batch["guide"][:, hp["guidance_idx"]]                                 # [B, Cg]
     sampler = nnx.merge(graphdef, jax.lax.stop_gradient(params), rest)
-    resp, mask = sampling.sample(sampler, batch["prompt"], key, max_new_tokens=response_len,
-                                 repeats=k)                             # = ctx's rows
+    resp, mask = sampling.sample(sampler, ctx, key, max_new_tokens=response_len,
+                                 repeats=k)                  # [B*k, T], context-major
     m = mask.astype(jnp.float32)
-    lp = response_token_logprobs(nnx.merge(graphdef, params, rest), ctx, resp, m)
-    lp_ref = jax.lax.stop_gradient(response_token_logprobs(ref, ctx, resp, m))
-    lp_star = jax.lax.stop_gradient(response_token_logprobs(ref, guide, resp, m))
+    # Each context (prompt, guidance) runs once for its k samples.
+    lp = response_token_logprobs(nnx.merge(graphdef, params, rest), ctx, resp, m, k)
+    lp_ref = jax.lax.stop_gradient(response_token_logprobs(ref, ctx, resp, m, k))
+    lp_star = jax.lax.stop_gradient(response_token_logprobs(ref, guide, resp, m, k))
     r = token_rewards(lp_star, lp_ref, lp, m, hp["beta"], hp["kl_coef"])
     t = resp.shape[1]
     loss = pg.token_rloo_loss(lp.reshape(b, k, t), r.reshape(b, k, t), m.reshape(b, k, t))

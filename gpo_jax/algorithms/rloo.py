@@ -122,14 +122,16 @@ def member_loss_fn(graphdef, rest, score_fn, *, k: int, response_len: int):
     sampler = nnx.merge(graphdef, jax.lax.stop_gradient(params), rest)
     resp, mask = sampling.sample(sampler, batch["prompt"], key, max_new_tokens=response_len,
                                  repeats=k)                             # = ctx's rows
-    tokens, rmask = sampling.concat_response(ctx, resp, mask)
-    logp = model_lib.response_logprobs(nnx.merge(graphdef, params, rest), tokens, rmask)
-    logp_ref = jax.lax.stop_gradient(
-        model_lib.response_logprobs(nnx.merge(graphdef, sh["ref"], rest), tokens, rmask))
+    b = batch["prompt"].shape[0]
+    # Each prompt runs once for its k samples (rows context-major, as sampled).
+    grouped = lambda p: model_lib.grouped_response_logprobs(  # noqa: E731
+        nnx.merge(graphdef, p, rest), batch["prompt"], resp.reshape(b, k, -1),
+        mask.astype(jnp.float32).reshape(b, k, -1)).reshape(b * k)
+    logp = grouped(params)
+    logp_ref = jax.lax.stop_gradient(grouped(sh["ref"]))
     scores = score_fn(sh["proxies"], ctx, resp, mask)                   # [P, B*k]
     proxy = selectors_lib.apply(sh["selectors"], scores, hp["selector_idx"])
     reward = pg.kl_regularised_reward(proxy, logp, logp_ref, hp["beta"])
-    b = batch["prompt"].shape[0]
     loss = pg.rloo_loss(logp.reshape(b, k), reward.reshape(b, k))
     return loss, {"rl/proxy": jnp.mean(proxy),
                   "rl/kl": jnp.mean(jax.lax.stop_gradient(logp) - logp_ref),

@@ -474,25 +474,57 @@ def prompt_response_logprobs(
   if n < 1 or len(masks) != n:
     raise ValueError(f"need as many masks as responses (at least one), got {n} responses "
                      f"and {len(masks)} masks.")
+  logp_BxN = grouped_response_logprobs(model, prompt_BxP, jnp.stack(responses, axis=1),
+                                       jnp.stack(masks, axis=1), length_normalize)
+  return tuple(logp_BxN[:, i] for i in range(n))
+
+
+def grouped_response_logprobs(
+    model: Transformer, prompt_BxP: Array, resp_BxNxT: Array, mask_BxNxT: Array,
+    length_normalize: bool = False,
+) -> Array:
+  """:func:`prompt_response_logprobs` for ``N`` responses per prompt given as one array:
+  ``[B, N]`` log-probs of ``resp_BxNxT[b, i]`` after ``prompt_BxP[b]``, the prompt run once.
+
+  The form for many samples of one prompt (RLOO's ``k``, best-of-n candidates): a
+  context-major ``[B·N, T]`` batch, as ``sampling.sample(..., repeats=N)`` returns it, is
+  ``resp.reshape(B, N, T)``.
+  """
+  if mask_BxNxT.shape != resp_BxNxT.shape:
+    raise ValueError(f"responses {tuple(resp_BxNxT.shape)} and masks "
+                     f"{tuple(mask_BxNxT.shape)} must have one shape [B, N, T].")
+  b, n, t = resp_BxNxT.shape
+  logp_BNxT = grouped_token_logprobs(model, prompt_BxP, resp_BxNxT).reshape(b * n, t)
+  return lp.sequence_logprobs(logp_BNxT, mask_BxNxT.reshape(b * n, t),
+                              length_normalize).reshape(b, n)
+
+
+def grouped_token_logprobs(model: Transformer, prompt_BxP: Array, resp_BxNxT: Array) -> Array:
+  """Per-token ``log π(y_t | prompt, y_<t)`` of ``N`` responses per prompt, ``[B, N, T]``
+  (every position, masked or not), each prompt run once for its ``N`` responses.
+
+  Equal to the response part of ``token_logprobs(model(concat([prompt, y])[:, :-1]), ...)``
+  with the prompt repeated ``N`` times, up to float rounding (tests/test_model.py).
+  """
+  if resp_BxNxT.ndim != 3 or prompt_BxP.ndim != 2 or prompt_BxP.shape[0] != resp_BxNxT.shape[0]:
+    raise ValueError(f"prompts {tuple(prompt_BxP.shape)} and responses "
+                     f"{tuple(resp_BxNxT.shape)} must be [B, P] and [B, N, T].")
+  b, n, t = resp_BxNxT.shape
   dec = model.decoder
-  b = prompt_BxP.shape[0]
   h_BxPxD, prefix = dec(dec.embed(prompt_BxP))
   # Rows are prompt-major (row b·N + i: response i to prompt b), so a batch sharded over
   # devices stays where it is: repeating the prompt's states and merging [B, N] -> [B·N]
   # move nothing between devices (concatenating the N batches would, as XLA found on a
   # data-sharded mesh: experiments/POD_PLAN.md).
   rep = lambda x: jnp.repeat(x, n, axis=0) if n > 1 else x  # noqa: E731
-  merge = lambda xs: jnp.stack(xs, axis=1).reshape((b * n,) + xs[0].shape[1:])  # noqa: E731
   first_BNx1xV = rep(model._logits(h_BxPxD[:, -1:]))
-  resp_BNxT, mask_BNxT = merge(responses), merge(masks)
-  if resp_BNxT.shape[1] > 1:
+  resp_BNxT = resp_BxNxT.reshape(b * n, t).astype(prompt_BxP.dtype)
+  if t > 1:
     rest_BNxTm1xV = model._logits(dec.extend(resp_BNxT[:, :-1], jax.tree.map(rep, prefix)))
     logits_BNxTxV = jnp.concatenate([first_BNx1xV, rest_BNxTm1xV], axis=1)
   else:
     logits_BNxTxV = first_BNx1xV
-  logp_BxN = lp.sequence_logprobs(lp.token_logprobs(logits_BNxTxV, resp_BNxT), mask_BNxT,
-                                  length_normalize).reshape(b, n)
-  return tuple(logp_BxN[:, i] for i in range(n))
+  return lp.token_logprobs(logits_BNxTxV, resp_BNxT).reshape(b, n, t)
 
 
 def param_count(model_or_state: Any) -> int:
