@@ -76,6 +76,36 @@ def test_score_and_select_equal_a_direct_per_candidate_computation(tiny_lab, poo
   np.testing.assert_array_equal(out["response"], cand[np.arange(3), out["index"]])
 
 
+def test_runner_scores_each_context_once_with_the_same_numbers(tiny_lab, pool):
+  """``Runner.lp_per_context`` / ``pair_per_context`` (each context once for its n samples,
+  batches of whole groups, the last padded) equal ``lp`` / ``pair`` on repeated contexts and
+  the direct per-candidate computation; the token KL between the two contexts too."""
+  corpus = tiny_lab.corpus
+  e, n = 5, 3
+  cfg = icdpo.ICDPOConfig(ns=(1, 2), ks=(1,), retrievers=("random",), contrasts=("base",),
+                          pool_per_prompt=n, ref_samples_per_prompt=n, batch_size=8)
+  runner = icdpo.Runner(tiny_lab, cfg)            # 8 // 3 = 2 contexts per batch: 3 batches
+  ctx_base = np.asarray(tiny_lab.eval_prompts[:e])
+  queries = retrieval.prompts_from_contexts(ctx_base)
+  good = retrieval.retrieve(pool, queries, 2, polarity="good", retriever="random", seed=2)
+  ctx_plus = good.context(corpus, queries)
+  resp, mask = runner.sample(ctx_plus, n, 7)
+  rep = lambda c: np.repeat(c, n, axis=0)  # noqa: E731
+  got = runner.lp_per_context(ctx_plus, resp, mask, n)
+  want = runner.lp(rep(ctx_plus), resp, mask)
+  assert got.shape == (e * n,)
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+  np.testing.assert_allclose(got, _direct_logprobs(tiny_lab.policy(), rep(ctx_plus), resp, mask),
+                             atol=1e-4, rtol=0)
+  pa, pb, kl = runner.pair_per_context(ctx_plus, ctx_base, resp, mask, n)
+  wa, wb, wkl = runner.pair(rep(ctx_plus), rep(ctx_base), resp, mask)
+  for g, w in ((pa, wa), (pb, wb), (kl, wkl)):
+    np.testing.assert_allclose(g, w, atol=1e-4, rtol=0)
+  assert np.std(pa - pb) > 0.05 and kl.min() >= 0 and kl.max() > 0.01
+  with pytest.raises(ValueError, match="context-major"):
+    runner.lp_per_context(ctx_plus, resp[:-1], mask[:-1], n)
+
+
 def test_retrieval_respects_gold_rank_and_never_leaks_the_query(tiny_lab, pool):
   model = tiny_lab.policy()
   q = 0.25

@@ -506,10 +506,18 @@ def grouped_token_logprobs(model: Transformer, prompt_BxP: Array, resp_BxNxT: Ar
   Equal to the response part of ``token_logprobs(model(concat([prompt, y])[:, :-1]), ...)``
   with the prompt repeated ``N`` times, up to float rounding (tests/test_model.py).
   """
-  if resp_BxNxT.ndim != 3 or prompt_BxP.ndim != 2 or prompt_BxP.shape[0] != resp_BxNxT.shape[0]:
-    raise ValueError(f"prompts {tuple(prompt_BxP.shape)} and responses "
-                     f"{tuple(resp_BxNxT.shape)} must be [B, P] and [B, N, T].")
-  b, n, t = resp_BxNxT.shape
+  b, n, t = _check_grouped(prompt_BxP, resp_BxNxT)
+  logits_BxNxTxV = grouped_response_logits(model, prompt_BxP, resp_BxNxT)
+  resp = resp_BxNxT.astype(prompt_BxP.dtype)
+  return lp.token_logprobs(logits_BxNxTxV.reshape(b * n, t, -1),
+                           resp.reshape(b * n, t)).reshape(b, n, t)
+
+
+def grouped_response_logits(model: Transformer, prompt_BxP: Array, resp_BxNxT: Array) -> Array:
+  """Logits predicting each response token, ``[B, N, T, V]``: position ``t`` is the
+  distribution of ``y_t`` given ``prompt`` and ``y_<t``, each prompt run once for its ``N``
+  responses (what a token-level KL between two contexts needs)."""
+  b, n, t = _check_grouped(prompt_BxP, resp_BxNxT)
   dec = model.decoder
   h_BxPxD, prefix = dec(dec.embed(prompt_BxP))
   # Rows are prompt-major (row b·N + i: response i to prompt b), so a batch sharded over
@@ -524,7 +532,14 @@ def grouped_token_logprobs(model: Transformer, prompt_BxP: Array, resp_BxNxT: Ar
     logits_BNxTxV = jnp.concatenate([first_BNx1xV, rest_BNxTm1xV], axis=1)
   else:
     logits_BNxTxV = first_BNx1xV
-  return lp.token_logprobs(logits_BNxTxV, resp_BNxT).reshape(b, n, t)
+  return logits_BNxTxV.reshape(b, n, t, -1)
+
+
+def _check_grouped(prompt_BxP: Array, resp_BxNxT: Array) -> tuple[int, int, int]:
+  if resp_BxNxT.ndim != 3 or prompt_BxP.ndim != 2 or prompt_BxP.shape[0] != resp_BxNxT.shape[0]:
+    raise ValueError(f"prompts {tuple(prompt_BxP.shape)} and responses "
+                     f"{tuple(resp_BxNxT.shape)} must be [B, P] and [B, N, T].")
+  return resp_BxNxT.shape
 
 
 def param_count(model_or_state: Any) -> int:

@@ -161,6 +161,33 @@ def _make_lp_fn(graphdef):
 
 
 @functools.lru_cache(maxsize=None)
+def _make_grouped_pair_fn(graphdef):
+  """:func:`_make_pair_fn` for ``N`` responses per context pair, each context run once:
+  ``(state, ctx_a_ExCa, ctx_b_ExCb, resp_ExNxT, mask_ExNxT) -> [E, N]`` each."""
+  @jax.jit
+  def fn(state, ctx_a, ctx_b, resp, mask):
+    model = nnx.merge(graphdef, state)
+    la = model_lib.grouped_response_logits(model, ctx_a, resp)         # [E, N, T, V]
+    lb = model_lib.grouped_response_logits(model, ctx_b, resp)
+    m = mask.astype(bool)
+    tok = resp.astype(jnp.int32)
+    lp_a = logprobs.sequence_logprobs(logprobs.token_logprobs(la, tok), m)
+    lp_b = logprobs.sequence_logprobs(logprobs.token_logprobs(lb, tok), m)
+    kl = jnp.sum(jnp.where(m, logprobs.token_kl(la, lb), 0.0), axis=-1)
+    return lp_a, lp_b, kl
+  return fn
+
+
+@functools.lru_cache(maxsize=None)
+def _make_grouped_lp_fn(graphdef):
+  """``(state, ctx_ExC, resp_ExNxT, mask_ExNxT) -> [E, N]``: each context run once."""
+  @jax.jit
+  def fn(state, ctx, resp, mask):
+    return model_lib.grouped_response_logprobs(nnx.merge(graphdef, state), ctx, resp, mask)
+  return fn
+
+
+@functools.lru_cache(maxsize=None)
 def _make_sample_fn(graphdef, max_new_tokens: int):
   """``(state, ctx_BxC, keys_B) -> (resp, mask)``: one key per row, so a row's draw does not
   depend on how rows are batched."""
@@ -344,6 +371,34 @@ class Runner:
     return np.asarray(self._batched(lambda c, r, m: fn(self.state, c, r, m),
                                     [ctx, resp, mask]), np.float64)
 
+  def _per_context(self, fn, contexts, resp, mask, n):
+    """``fn`` over ``[E, n, T]`` groups (rows context-major: row ``i·n + j`` answers context
+    ``i``), each context run once; batches of ``max(1, batch_size // n)`` contexts."""
+    e = contexts[0].shape[0]
+    resp, mask = np.asarray(resp), np.asarray(mask)
+    if resp.shape[0] != e * n or mask.shape != resp.shape:
+      raise ValueError(f"{resp.shape[0]} response rows (mask {mask.shape}) for {e} contexts "
+                       f"× n={n}; need {e * n} rows, context-major.")
+    out = steps.batched(fn, [np.asarray(c) for c in contexts]
+                        + [resp.reshape(e, n, -1), mask.reshape(e, n, -1)],
+                        max(1, self.cfg.batch_size // n))
+    outs = out if isinstance(out, (tuple, list)) else [out]
+    return [np.asarray(x, np.float64).reshape(e * n) for x in outs]
+
+  def pair_per_context(self, ctx_a_E, ctx_b_E, resp, mask, n):
+    """:meth:`pair` of ``np.repeat(ctx_a_E, n)``, ``np.repeat(ctx_b_E, n)`` with each context
+    run once for its ``n`` responses (same numbers up to float rounding)."""
+    fn = _make_grouped_pair_fn(self.graphdef)
+    return self._per_context(lambda a, b, r, m: fn(self.state, a, b, r, m),
+                             [ctx_a_E, ctx_b_E], resp, mask, n)
+
+  def lp_per_context(self, ctx_E, resp, mask, n):
+    """:meth:`lp` of ``np.repeat(ctx_E, n)`` with each context run once for its ``n``
+    responses (same numbers up to float rounding)."""
+    fn = _make_grouped_lp_fn(self.graphdef)
+    return self._per_context(lambda c, r, m: fn(self.state, c, r, m), [ctx_E], resp, mask,
+                             n)[0]
+
   def gold(self, ctx, resp, mask):
     return np.asarray(self._batched(lambda c, r, m: self.gold_fn(self.gold_params, c, r, m),
                                     [ctx, resp, mask]), np.float64)
@@ -422,7 +477,7 @@ def evaluate(lab, cfg: ICDPOConfig = ICDPOConfig(), *, retrieval_dir: str | None
   ctx_base_R = np.repeat(ctx_base, R, axis=0)
   ref_gold = runner.gold(ctx_base_R, ref_resp, ref_mask).reshape(e, R)
   ref_mean = ref_gold.mean(axis=1)
-  ref_lp_base = runner.lp(ctx_base_R, ref_resp, ref_mask).reshape(e, R)
+  ref_lp_base = runner.lp_per_context(ctx_base, ref_resp, ref_mask, R).reshape(e, R)
   ref_meas = _candidate_measures(runner, ctx_base, ref_resp, ref_mask, ref_gold, ref_mean)
   ref_meas["k1"] = np.zeros((e, R))
   timings["reference"] = time.time() - t
@@ -471,18 +526,17 @@ def evaluate(lab, cfg: ICDPOConfig = ICDPOConfig(), *, retrieval_dir: str | None
       ctx_bad = bad.first(k).context(corpus, queries) if bad is not None else None
       # Candidates from q = π_ref(·|D⁺, x); one stream for every (k, retriever): paired.
       resp, mask = runner.sample(ctx_plus, Np, _ICL_STREAM)
-      plus_rep, base_rep = np.repeat(ctx_plus, Np, axis=0), np.repeat(ctx_base, Np, axis=0)
-      lp_plus, lp_base, kl_tok = runner.pair(plus_rep, base_rep, resp, mask)
+      lp_plus, lp_base, kl_tok = runner.pair_per_context(ctx_plus, ctx_base, resp, mask, Np)
       meas = _candidate_measures(runner, ctx_base, resp, mask, ref_gold, ref_mean)
       meas["k1"] = (lp_plus - lp_base).reshape(e, Np)
       kl_icl_E = kl_tok.reshape(e, Np).mean(axis=1)
       add("icl_sample", k, retriever, "-", np.zeros((e, Np)), meas, kl_icl_E)
       minus = {"base": lp_base}
-      ref_lp_plus = runner.lp(np.repeat(ctx_plus, R, axis=0), ref_resp, ref_mask)
+      ref_lp_plus = runner.lp_per_context(ctx_plus, ref_resp, ref_mask, R)
       ref_minus = {"base": ref_lp_base.reshape(-1)}
       if ctx_bad is not None:
-        minus["bad"] = runner.lp(np.repeat(ctx_bad, Np, axis=0), resp, mask)
-        ref_minus["bad"] = runner.lp(np.repeat(ctx_bad, R, axis=0), ref_resp, ref_mask)
+        minus["bad"] = runner.lp_per_context(ctx_bad, resp, mask, Np)
+        ref_minus["bad"] = runner.lp_per_context(ctx_bad, ref_resp, ref_mask, R)
       for contrast in cfg.contrasts:
         s = (lp_plus - minus[contrast]).reshape(e, Np)
         add("icdpo", k, retriever, contrast, s, meas, kl_icl_E)

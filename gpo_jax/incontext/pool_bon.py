@@ -145,7 +145,6 @@ def score_pool(lab, tokens_ExNxT: np.ndarray, mask_ExNxT: np.ndarray, *, ks=(2,)
   queries = retrieval_lib.prompts_from_contexts(ctx_base)
   resp = tokens_ExNxT.reshape(e * n, t).astype(np.int32)
   mask = mask_ExNxT.reshape(e * n, t).astype(np.float32)
-  rep = lambda c: np.repeat(c, n, axis=0)  # noqa: E731
   k_max = max(int(k) for k in ks)
 
   def demos(polarity, retriever):
@@ -159,16 +158,17 @@ def score_pool(lab, tokens_ExNxT: np.ndarray, mask_ExNxT: np.ndarray, *, ks=(2,)
                                   model=model)
 
   t0 = time.time()
-  base = runner.lp(rep(ctx_base), resp, mask)
+  base = runner.lp_per_context(ctx_base, resp, mask, n)
   out = {LIKELIHOOD: base.reshape(e, n)}
   for retriever in retrievers:
     good = demos("good", retriever)
     bad = demos("bad", retriever) if "bad" in contrasts else None
     for k in sorted({int(k) for k in ks}):
-      plus = runner.lp(rep(good.first(k).context(lab.corpus, queries)), resp, mask)
+      plus = runner.lp_per_context(good.first(k).context(lab.corpus, queries), resp, mask, n)
       minus = {"base": base}
       if bad is not None:
-        minus["bad"] = runner.lp(rep(bad.first(k).context(lab.corpus, queries)), resp, mask)
+        minus["bad"] = runner.lp_per_context(bad.first(k).context(lab.corpus, queries), resp,
+                                             mask, n)
       for contrast in contrasts:
         out[f"icdpo/k{k}/{retriever}/{contrast}"] = (plus - minus[contrast]).reshape(e, n)
       log(f"pool scored by ICDPO {retriever} k={k} ({time.time() - t0:.0f} s)")
