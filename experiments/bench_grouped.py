@@ -105,11 +105,18 @@ def setup(m: int, batch: int, k: int, lab: str = "small"):
                      {"guidance_idx": jnp.zeros(m, jnp.int32), "beta": jnp.full(m, 1.0),
                       "kl_coef": jnp.full(m, 1.0)}),
   }
-  shapes = {"lab": lab, "C": int(prompt.shape[1]), "C_g": int(guide.shape[2]), "T": t,
+  # ICDPO's scoring of a best-of-n pool (``Runner.lp_per_context``): π_ref's log-probs of
+  # ``pool_n`` samples per in-context prompt, 512 rows per call (ICDPOConfig.batch_size).
+  pool_n = 64
+  e_pool = max(1, 512 // pool_n)
+  scoring = (jnp.asarray(np.resize(guide[:, 0], (e_pool, guide.shape[2]))),
+             jnp.asarray(rng.integers(*vocab, (e_pool, pool_n, t)), jnp.int32),
+             jnp.asarray(np.arange(t) < rng.integers(1, t + 1, (e_pool, pool_n, 1)), jnp.float32))
+  shapes = {"lab": lab, "pool_n": pool_n, "pool_contexts": e_pool, "C": int(prompt.shape[1]), "C_g": int(guide.shape[2]), "T": t,
             "B": batch, "k": k, "M": m,
             "policy": f"d_model {cfg.d_model}, {cfg.n_layers} layers, d_ff {cfg.d_ff}, "
                       f"V {cfg.vocab_size}"}
-  return algos, stacked, shapes
+  return algos, stacked, shapes, (graphdef, rest, ref, scoring)
 
 
 def compile_variant(loss_fn, stacked, batch, hp, keys, whole: bool):
@@ -127,35 +134,46 @@ def compile_variant(loss_fn, stacked, batch, hp, keys, whole: bool):
       p.stop()
 
 
+def compile_scoring(graphdef, rest, ref, scoring, whole: bool):
+  """ICDPO's pool scoring: ``grouped_response_logprobs`` of π_ref, or the whole sequences."""
+  fn = whole_response_logprobs if whole else model_lib.grouped_response_logprobs
+  step = jax.jit(lambda p, c, r, m: fn(nnx.merge(graphdef, p, rest), c, r, m))
+  opts = cpu.compiler_options(jax.devices()[0].platform, "forward")
+  return step.lower(ref, *scoring).compile(compiler_options=opts)
+
+
+NAMES = ("RLOO", "Inverse-Q*", "ICDPO pool scoring")
+VARIANTS = ("each prompt once", "whole sequences")
+
+
 def run(m: int, batch: int, k: int, rounds: int, calls: int, lab: str = "small") -> dict:
-  algos, stacked, shapes = setup(m, batch, k, lab)
+  algos, stacked, shapes, (graphdef, rest, ref, scoring) = setup(m, batch, k, lab)
   keys = jax.random.split(jax.random.key(0), m)
   progs = {}
   for name, (loss_fn, b, hp) in algos.items():
-    for variant in ("each prompt once", "whole sequences"):
+    for variant in VARIANTS:
       c = compile_variant(loss_fn, stacked, b, hp, keys, variant == "whole sequences")
-      progs[(name, variant)] = (c, b, hp)
-  outs = {key: jax.block_until_ready(c(stacked, b, hp, keys)) for key, (c, b, hp) in progs.items()}
-  agree = {}
-  for name in algos:
-    (l1, _), g1 = outs[(name, "each prompt once")]
-    (l2, _), g2 = outs[(name, "whole sequences")]
-    agree[name] = {"loss": float(jnp.max(jnp.abs(l1 - l2))),
-                   "grads": max(float(jnp.max(jnp.abs(a - b)))
-                                for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)))}
+      progs[(name, variant)] = (c, (stacked, b, hp, keys))
+  for variant in VARIANTS:
+    c = compile_scoring(graphdef, rest, ref, scoring, variant == "whole sequences")
+    progs[(NAMES[2], variant)] = (c, (ref,) + scoring)
+  outs = {key: jax.block_until_ready(c(*args)) for key, (c, args) in progs.items()}
+  agree = {name: max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
+      jax.tree.leaves(outs[(name, VARIANTS[0])]), jax.tree.leaves(outs[(name, VARIANTS[1])])))
+      for name in NAMES}
   times = {key: [] for key in progs}
   loads = [bench_sweep.load_avg()]
   for _ in range(rounds):
-    for key, (c, b, hp) in progs.items():
+    for key, (c, args) in progs.items():
       ts = []
       for _ in range(calls):
         t0 = time.perf_counter()
-        jax.block_until_ready(c(stacked, b, hp, keys))
+        jax.block_until_ready(c(*args))
         ts.append(time.perf_counter() - t0)
       times[key].append(statistics.median(ts))
     loads.append(bench_sweep.load_avg())
   rows = []
-  for (name, variant), (c, _, _) in progs.items():
+  for (name, variant), (c, _) in progs.items():
     rows.append({"algorithm": name, "variant": variant, "ms": 1e3 * min(times[(name, variant)]),
                  "ms_rounds": [round(1e3 * x, 2) for x in times[(name, variant)]],
                  "xla_gflop": bench_sweep.xla_cost(c)["flops"] / 1e9})
@@ -187,20 +205,24 @@ def render(res: dict, command: str, wall_s: float) -> str:
       f"- **Timing:** {res['rounds']} interleaved rounds × median of {res['calls']} calls; each "
       "row its fastest round (all rounds listed).",
       "",
-      "| algorithm | variant | XLA GFLOP per step | ms per step | every round (ms) | whole / once |",
+      f"- **ICDPO pool scoring:** π_ref's log-probs of {s['pool_n']} samples per in-context "
+      f"prompt (C_g tokens), {s['pool_contexts']} prompts = {s['pool_n'] * s['pool_contexts']} "
+      "rows per call, as `icdpo.Runner.lp_per_context` batches a best-of-n pool (the whole "
+      "variant: what `Runner.lp` on repeated contexts ran); the forward programs' options.",
+      "",
+      "| algorithm | variant | XLA GFLOP per call | ms per call | every round (ms) | whole / once |",
       "|---|---|---:|---:|---|---:|",
   ]
-  for name in ("RLOO", "Inverse-Q*"):
+  for name in NAMES:
     once, whole = by[(name, "each prompt once")], by[(name, "whole sequences")]
     for r in (once, whole):
       ratio = (f"**{whole['ms'] / once['ms']:.2f}×** time, {whole['xla_gflop'] / once['xla_gflop']:.2f}× FLOPs"
                if r is whole else "")
       lines.append(f"| {name} | {r['variant']} | {r['xla_gflop']:.2f} | {r['ms']:.1f} | "
                    f"{r['ms_rounds']} | {ratio} |")
-  lines += ["", "Agreement of the two variants (same sampled tokens; max |difference| over "
-            "members): " + "; ".join(
-                f"{name}: loss {a['loss']:.1e}, gradients {a['grads']:.1e}"
-                for name, a in res["agree"].items()) + "."]
+  lines += ["", "Agreement of the two variants (same sampled tokens; max |difference| of the "
+            "outputs: loss and gradients over members, or log-probs): " + "; ".join(
+                f"{name}: {a:.1e}" for name, a in res["agree"].items()) + "."]
   notes = bench_sweep.contention_notes([], [x[0] for x in res["loads"]])
   lines += [""] + [f"- {n}" for n in notes] if notes else []
   return "\n".join(lines) + "\n"
