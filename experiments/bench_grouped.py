@@ -1,5 +1,6 @@
-"""Benchmark: RLOO and Inverse-Q* train steps with each prompt run once for its k samples,
-side by side with the same steps running every sample's whole sequence.
+"""Benchmark: RLOO and Inverse-Q* train steps and ICDPO's pool scoring with each prompt run
+once for its k samples, side by side with the same programs running every sample's whole
+sequence.
 
 Both algorithms sample ``k`` responses per prompt (``sampling.sample(..., repeats=k)``, one
 prefill per prompt) and then need log-probs of each response under π (with gradients) and
@@ -15,7 +16,10 @@ Per algorithm: ``M`` members vmapped (one jitted ``value_and_grad`` of the per-m
 with the train step's XLA:CPU options), random small-lab-shaped weights (π and π_ref
 differ), the small lab's shapes: RLOO as ``configs/proxy_setting.py``'s ``rl`` stage
 (batch 16, k = 4, contexts C = 8, T = 12 new tokens); Inverse-Q* as ``configs/incontext.py``'s
-``inverse_q`` stage (batch 16, k = 4, guidance of 2 demonstrations: C_g = 48). Timing: every
+``inverse_q`` stage (batch 16, k = 4, guidance of 2 demonstrations: C_g = 48). ICDPO's pool
+scoring (``icdpo.Runner.lp_per_context``, used by the ICDPO evaluation and ``pool_bon``):
+π_ref's log-probs of 64 samples per in-context prompt of C_g tokens, 512 rows per call, under
+the forward programs' compiler options. Timing: every
 program compiles first, then ``--rounds`` interleaved rounds, each timing every program as
 the median of ``--calls`` calls; a row keeps its fastest round. XLA FLOPs from
 ``cost_analysis()`` (the sampler's decode loop body counted once in both variants).
