@@ -198,6 +198,57 @@ def test_nash_md_per_token_estimator_matches_sequence_one_only_without_kl(tiny_l
   assert diff > 1e-3 * np.abs(flat(grads[False][1])).max()
 
 
+def _whole_response_logits(model, prompt_BxP, resp_BxNxT):
+  """Each prompt repeated for its N responses and run whole (the step's former computation)."""
+  b, n, t = resp_BxNxT.shape
+  tokens = jnp.concatenate([jnp.repeat(prompt_BxP, n, axis=0),
+                            resp_BxNxT.reshape(b * n, t).astype(prompt_BxP.dtype)], axis=1)
+  return model(tokens[:, :-1])[:, prompt_BxP.shape[1] - 1:].reshape(b, n, t, -1)
+
+
+def test_online_step_runs_each_prompt_once_with_the_same_loss_gradients_and_rows(tiny_lab):
+  """The step's logits of y and y′ come from each prompt run once for both
+  (``model.grouped_response_logits``): loss, gradients and metrics equal the step computing
+  every sequence whole, and the metrics put y and y′ on the right rows (entropy of y, and
+  the chosen + rejected rewards β(h(y) + h(y′)), against direct forwards of ``ctx + y``)."""
+  from unittest import mock
+  members = _members()
+  loss_fn, params, batch = _loss_setup(tiny_lab, members)
+  ref = params
+  params = jax.tree.map(lambda x: x * 1.05, params)     # π ≠ π_ref: h(y) ≠ 0
+  hp_all = members.hparams()
+  key = jax.random.key(5)
+  vg = jax.value_and_grad(loss_fn, has_aux=True)
+  graphdef, _, rest = nnx.split(tiny_lab.policy(), nnx.Param, ...)
+  ctx = batch["prompt"]
+  b, t = ctx.shape[0], int(tiny_lab.cfg.corpus.response_len)
+  resp, mask = sampling.sample(nnx.merge(graphdef, params, rest), jnp.concatenate([ctx, ctx]),
+                               key, max_new_tokens=t)
+  ctx2 = jnp.concatenate([ctx, ctx])
+  lp = lambda p: model_lib.response_logprobs(  # noqa: E731
+      nnx.merge(graphdef, p, rest), *sampling.concat_response(ctx2, resp, mask))
+  h = np.asarray(lp(params) - lp(ref))                 # direct h(y) for rows [y; y′]
+  assert np.abs(h).max() > 1e-3
+  for m in (0, 6):                                     # online GPO, Nash-MD
+    hp = {k: v[m] for k, v in hp_all.items()}
+    (loss, metrics), grads = jax.jit(vg)(params, batch, hp, key)
+    with mock.patch.object(model_lib, "grouped_response_logits", _whole_response_logits):
+      (want, want_metrics), want_grads = jax.jit(vg)(params, batch, hp, key)
+    np.testing.assert_allclose(float(loss), float(want), rtol=1e-5, atol=1e-6)
+    for k in metrics:
+      np.testing.assert_allclose(float(metrics[k]), float(want_metrics[k]), rtol=1e-5,
+                                 atol=1e-5, err_msg=k)
+    for a, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(w), rtol=1e-4, atol=1e-6)
+    if m == 0:
+      beta = float(hp["beta"])
+      np.testing.assert_allclose(
+          float(metrics["rewards/chosen"]) + float(metrics["rewards/rejected"]),
+          beta * (h[:b].mean() + h[b:].mean()), rtol=1e-4, atol=1e-6)
+      np.testing.assert_allclose(float(metrics["objective/entropy"]),
+                                 -float(np.mean(np.asarray(lp(params))[:b])), rtol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory, tiny_lab):
   config = lab_fixture.load_config("online.py", "tiny")

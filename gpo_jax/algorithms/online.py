@@ -61,6 +61,7 @@ from flax import nnx
 
 from gpo_jax.algorithms.base import SHARED, Algorithm
 from gpo_jax.core import logprobs
+from gpo_jax.core import model as model_lib
 from gpo_jax.core import sampling
 from gpo_jax.engine import members as members_lib
 from gpo_jax.engine.members import Members
@@ -246,10 +247,15 @@ def member_loss_fn(graphdef, rest, families, preference, *, response_len: int,
                                            max_new_tokens=response_len)
     else:
       resp, mask = sampling.sample(sampler, ctx2, key, max_new_tokens=response_len)
-    tokens = jnp.concatenate([ctx2, resp], axis=1)
-    c = ctx.shape[1]
-    logits = nnx.merge(graphdef, params, rest)(tokens[:, :-1])[:, c - 1:]    # [2B, T, V]
-    ref_logits = jax.lax.stop_gradient(ref(tokens[:, :-1])[:, c - 1:])
+    # Each prompt runs once for its two responses (rows of ctx2: y for every prompt, then y′).
+    resp_Bx2xT = jnp.stack([resp[:b], resp[b:]], axis=1)
+
+    def response_logits(model):                                                # [2B, T, V]
+      l_Bx2xTxV = model_lib.grouped_response_logits(model, ctx, resp_Bx2xT)
+      return jnp.concatenate([l_Bx2xTxV[:, 0], l_Bx2xTxV[:, 1]], axis=0)
+
+    logits = response_logits(nnx.merge(graphdef, params, rest))
+    ref_logits = jax.lax.stop_gradient(response_logits(ref))
     m = mask.astype(jnp.float32)
     lp_tok = logprobs.token_logprobs(logits, resp) * m
     lpref_tok = logprobs.token_logprobs(ref_logits, resp) * m
