@@ -1,6 +1,7 @@
 """Tests for gpo_jax.runtime.writers: JSONL rows, resume truncation, and TensorBoard event files read without TF."""
 
 import json
+import os
 import struct
 
 import jax.numpy as jnp
@@ -171,7 +172,7 @@ def test_save_json_atomic_replaces_whole_files_and_keeps_the_old_one_on_failure(
 
 def test_atomic_writes_leave_no_temporary_file_when_they_fail(tmp_path, monkeypatch):
   """A write that fails mid-way (the disk, a rename onto a directory) raises, keeps the old
-  file, and removes its temporary file; a killed writer's leftover is reused, not piled up."""
+  file, and removes its temporary file; two writers of one path each use their own."""
   path = tmp_path / "per_prompt.npz"
   writers.save_npz_atomic(path, {"x": np.arange(3)})
   real_savez = np.savez
@@ -190,6 +191,17 @@ def test_atomic_writes_leave_no_temporary_file_when_they_fail(tmp_path, monkeypa
   with pytest.raises(OSError):
     writers.save_json_atomic(tmp_path / "dir.json", {"a": 1})
   assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.json", "per_prompt.npz"]
-  (tmp_path / "m.json.tmp").write_text("torn")        # a killed writer's leftover
-  writers.save_json_atomic(tmp_path / "m.json", {"a": 1})
+  # Another process mid-write of the same path: its temporary file is not touched.
+  names = []
+  real_replace = writers.os.replace
+
+  def spy(src, dst):
+    names.append(os.path.basename(src))
+    return real_replace(src, dst)
+
+  monkeypatch.setattr(writers.os, "replace", spy)
+  for _ in range(2):
+    writers.save_json_atomic(tmp_path / "m.json", {"a": 1})
+  monkeypatch.undo()
+  assert len(set(names)) == 2 and all(n.startswith("m.json.tmp-") for n in names), names
   assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.json", "m.json", "per_prompt.npz"]

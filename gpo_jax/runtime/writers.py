@@ -21,6 +21,7 @@ import json
 import math
 import numbers
 import os
+import secrets
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -60,12 +61,15 @@ def _process_index() -> int:
 
 
 def write_aside(path: str | os.PathLike, mode: str, write, **open_kwargs) -> str:
-  """``write(f)`` into ``<path>.tmp``, flushed to disk, then ``os.replace`` onto ``path``: a
-  crash (process or machine) leaves the old file or the new one, never a torn one. On an
-  error the temporary file is removed and the error raised; a killed process's leftover
-  ``.tmp`` is overwritten by the next write of that path. Returns the path."""
+  """``write(f)`` into a temporary file beside ``path``, flushed to disk, then ``os.replace``
+  onto ``path``: a crash (process or machine) leaves the old file or the new one, never a
+  torn one. The temporary name is unique per call (``<path>.tmp-<pid>-<random>``), so two
+  processes writing one path (a retrieval or π_ref pool cache shared by runs, every host of
+  a multi-host run) each replace it whole. On an error the temporary file is removed and
+  the error raised; a killed process leaves its ``.tmp-*`` behind, which nothing reads.
+  Returns the path."""
   path = os.fspath(path)
-  tmp = f"{path}.tmp"
+  tmp = f"{path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
   try:
     with open(tmp, mode, **open_kwargs) as f:
       write(f)
