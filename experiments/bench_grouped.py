@@ -1,20 +1,23 @@
-"""Benchmark: RLOO and Inverse-Q* train steps and ICDPO's pool scoring with each prompt run
-once for its k samples, side by side with the same programs running every sample's whole
-sequence.
+"""Benchmark: online-DPO, RLOO and Inverse-Q* train steps and ICDPO's pool scoring with each
+prompt run once for its k samples, side by side with the same programs running every
+sample's whole sequence.
 
 Both algorithms sample ``k`` responses per prompt (``sampling.sample(..., repeats=k)``, one
 prefill per prompt) and then need log-probs of each response under π (with gradients) and
 π_ref; Inverse-Q* also under π_ref given the guidance context ``[BOS] demos x [SEP]``. Since
 this commit they run each context once for its ``k`` responses
 (``model.grouped_token_logprobs`` / ``grouped_response_logprobs``: the context's keys and
-values once, the responses extend them). The *whole-sequence* variant swaps those two
+values once, the responses extend them); the online methods take the logits of their two
+responses per prompt the same way (``model.grouped_response_logits``: per-token KL and
+Nash-MD need the whole distributions). The *whole-sequence* variant swaps those three
 functions (``unittest.mock.patch``, at trace time) for the former computation: the context
 repeated ``k`` times and ``context + response`` run whole. Everything else — the sampler,
 the proxy, the loss — is the same program.
 
 Per algorithm: ``M`` members vmapped (one jitted ``value_and_grad`` of the per-member loss
 with the train step's XLA:CPU options), random small-lab-shaped weights (π and π_ref
-differ), the small lab's shapes: RLOO as ``configs/proxy_setting.py``'s ``rl`` stage
+differ), the small lab's shapes: online DPO as ``configs/online.py``'s ``online`` stage
+(batch 16, two responses per prompt, a stand-in preference: the longer response), RLOO as ``configs/proxy_setting.py``'s ``rl`` stage
 (batch 16, k = 4, contexts C = 8, T = 12 new tokens); Inverse-Q* as ``configs/incontext.py``'s
 ``inverse_q`` stage (batch 16, k = 4, guidance of 2 demonstrations: C_g = 48). ICDPO's pool
 scoring (``icdpo.Runner.lp_per_context``, used by the ICDPO evaluation and ``pool_bon``):
@@ -49,7 +52,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from gpo_jax.algorithms import inverse_q, rloo  # noqa: E402
+from gpo_jax.algorithms import inverse_q, online, rloo  # noqa: E402
 from gpo_jax.algorithms.base import SHARED  # noqa: E402
 from gpo_jax.core import logprobs  # noqa: E402
 from gpo_jax.core import model as model_lib  # noqa: E402
@@ -63,13 +66,21 @@ OUT_MD = os.path.join(REPO, "experiments", "BENCH_GROUPED.md")
 OUT_JSON = os.path.join(REPO, "experiments", "bench_grouped.json")
 
 
-def whole_token_logprobs(model, prompt_BxP, resp_BxNxT):
-  """The former computation: each prompt repeated for its N responses, run whole."""
+def whole_response_logits(model, prompt_BxP, resp_BxNxT):
+  """The former computation: each prompt repeated for its N responses, run whole;
+  ``[B, N, T, V]`` logits predicting the response tokens."""
   b, n, t = resp_BxNxT.shape
   ctx = jnp.repeat(prompt_BxP, n, axis=0)
   tokens = jnp.concatenate([ctx, resp_BxNxT.reshape(b * n, t).astype(ctx.dtype)], axis=1)
-  logits = model(tokens[:, :-1])[:, prompt_BxP.shape[1] - 1:]
-  return logprobs.token_logprobs(logits, tokens[:, prompt_BxP.shape[1]:]).reshape(b, n, t)
+  return model(tokens[:, :-1])[:, prompt_BxP.shape[1] - 1:].reshape(b, n, t, -1)
+
+
+def whole_token_logprobs(model, prompt_BxP, resp_BxNxT):
+  """Per-token log-probs from :func:`whole_response_logits`, ``[B, N, T]``."""
+  b, n, t = resp_BxNxT.shape
+  logits = whole_response_logits(model, prompt_BxP, resp_BxNxT).reshape(b * n, t, -1)
+  tok = resp_BxNxT.reshape(b * n, t).astype(prompt_BxP.dtype)
+  return logprobs.token_logprobs(logits, tok).reshape(b, n, t)
 
 
 def whole_response_logprobs(model, prompt_BxP, resp_BxNxT, mask_BxNxT, length_normalize=False):
@@ -99,7 +110,15 @@ def setup(m: int, batch: int, k: int, lab: str = "small"):
       jnp.sum(mask, -1) + jnp.sum((resp == 5) * mask, -1))[None]
   table = {k_: jnp.asarray(v) for k_, v in selectors_lib.build(("p0",)).table().items()}
   stacked = jax.tree.map(lambda x: jnp.stack([x] * m), params)
+  om = online.make_members({"online": ("logistic",)}, (0.1,), (0.0,), (0,), (1e-3,),
+                           n_train=64 * batch, batch_size=batch)
+  pref = lambda sh, ctx, ya, ma, yb, mb: (  # noqa: E731  a stand-in preference: the longer
+      jax.nn.sigmoid(jnp.sum(ma, -1) - jnp.sum(mb, -1)), jnp.sum(ma, -1), jnp.sum(mb, -1))
+  ohp = {k_: jnp.stack([v[0]] * m) for k_, v in om.hparams().items()}
   algos = {
+      "online DPO": (online.member_loss_fn(graphdef, rest, om.families, pref, response_len=t,
+                                           mixture=False),
+                     {"prompt": prompt, SHARED: {"ref": ref}}, ohp),
       "RLOO": (rloo.member_loss_fn(graphdef, rest, score_fn, k=k, response_len=t),
                {"prompt": prompt, SHARED: {"ref": ref, "proxies": {"w": jnp.asarray([0.1])},
                                            "selectors": table}},
@@ -127,7 +146,8 @@ def compile_variant(loss_fn, stacked, batch, hp, keys, whole: bool):
   step = jax.jit(jax.vmap(jax.value_and_grad(loss_fn, has_aux=True), in_axes=(0, None, 0, 0)))
   opts = cpu.compiler_options(jax.devices()[0].platform, "train")
   patches = (mock.patch.object(model_lib, "grouped_token_logprobs", whole_token_logprobs),
-             mock.patch.object(model_lib, "grouped_response_logprobs", whole_response_logprobs)
+             mock.patch.object(model_lib, "grouped_response_logprobs", whole_response_logprobs),
+             mock.patch.object(model_lib, "grouped_response_logits", whole_response_logits)
              ) if whole else ()
   for p in patches:
     p.start()
@@ -146,7 +166,7 @@ def compile_scoring(graphdef, rest, ref, scoring, whole: bool):
   return step.lower(ref, *scoring).compile(compiler_options=opts)
 
 
-NAMES = ("RLOO", "Inverse-Q*", "ICDPO pool scoring")
+NAMES = ("online DPO", "RLOO", "Inverse-Q*", "ICDPO pool scoring")
 VARIANTS = ("each prompt once", "whole sequences")
 
 
@@ -160,7 +180,7 @@ def run(m: int, batch: int, k: int, rounds: int, calls: int, lab: str = "small")
       progs[(name, variant)] = (c, (stacked, b, hp, keys))
   for variant in VARIANTS:
     c = compile_scoring(graphdef, rest, ref, scoring, variant == "whole sequences")
-    progs[(NAMES[2], variant)] = (c, (ref,) + scoring)
+    progs[(NAMES[-1], variant)] = (c, (ref,) + scoring)
   outs = {key: jax.block_until_ready(c(*args)) for key, (c, args) in progs.items()}
   agree = {name: max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
       jax.tree.leaves(outs[(name, VARIANTS[0])]), jax.tree.leaves(outs[(name, VARIANTS[1])])))
@@ -191,7 +211,7 @@ def render(res: dict, command: str, wall_s: float) -> str:
   by = {(r["algorithm"], r["variant"]): r for r in res["rows"]}
   mach = res["machine"]
   lines = [
-      "# Grouped log-probs: RLOO and Inverse-Q* steps, each prompt once vs whole sequences",
+      "# Grouped log-probs: online, RLOO, Inverse-Q* steps and ICDPO scoring, each prompt once vs whole sequences",
       "",
       f"Written by `experiments/bench_grouped.py` at "
       f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; what it measures: "
