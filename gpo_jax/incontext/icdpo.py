@@ -143,13 +143,20 @@ def _make_pair_fn(graphdef):
   @jax.jit
   def fn(state, ctx_a, ctx_b, resp, mask):
     model = nnx.merge(graphdef, state)
-    la, lb = _response_logits(model, ctx_a, resp), _response_logits(model, ctx_b, resp)
-    m = mask.astype(bool)
-    lp_a = logprobs.sequence_logprobs(logprobs.token_logprobs(la, resp), m)
-    lp_b = logprobs.sequence_logprobs(logprobs.token_logprobs(lb, resp), m)
-    kl = jnp.sum(jnp.where(m, logprobs.token_kl(la, lb), 0.0), axis=-1)
-    return lp_a, lp_b, kl
+    return _pair_measures(_response_logits(model, ctx_a, resp),
+                          _response_logits(model, ctx_b, resp), resp, mask)
   return fn
+
+
+def _pair_measures(la, lb, resp, mask):
+  """Summed log-probs of ``resp`` under logits ``la`` and ``lb`` (``[..., T, V]``) and the
+  exact per-token ``KL(a ‖ b)`` summed over the masked positions."""
+  m = mask.astype(bool)
+  tok = resp.astype(jnp.int32)
+  lp_a = logprobs.sequence_logprobs(logprobs.token_logprobs(la, tok), m)
+  lp_b = logprobs.sequence_logprobs(logprobs.token_logprobs(lb, tok), m)
+  kl = jnp.sum(jnp.where(m, logprobs.token_kl(la, lb), 0.0), axis=-1)
+  return lp_a, lp_b, kl
 
 
 @functools.lru_cache(maxsize=None)
@@ -167,14 +174,8 @@ def _make_grouped_pair_fn(graphdef):
   @jax.jit
   def fn(state, ctx_a, ctx_b, resp, mask):
     model = nnx.merge(graphdef, state)
-    la = model_lib.grouped_response_logits(model, ctx_a, resp)         # [E, N, T, V]
-    lb = model_lib.grouped_response_logits(model, ctx_b, resp)
-    m = mask.astype(bool)
-    tok = resp.astype(jnp.int32)
-    lp_a = logprobs.sequence_logprobs(logprobs.token_logprobs(la, tok), m)
-    lp_b = logprobs.sequence_logprobs(logprobs.token_logprobs(lb, tok), m)
-    kl = jnp.sum(jnp.where(m, logprobs.token_kl(la, lb), 0.0), axis=-1)
-    return lp_a, lp_b, kl
+    return _pair_measures(model_lib.grouped_response_logits(model, ctx_a, resp),  # [E,N,T,V]
+                          model_lib.grouped_response_logits(model, ctx_b, resp), resp, mask)
   return fn
 
 
